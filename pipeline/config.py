@@ -1,0 +1,137 @@
+"""configs/models/<name>.yaml: where a model comes from, how it is judged, which candidates to try."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from serve.config import ConfigError, ServiceConfig, StrictModel, load_config, load_service_config, resolve
+
+Task = Literal["feature-extraction", "text-classification"]
+
+
+class FolderSource(StrictModel):
+    """A local Hugging Face model folder (relative to the config file)."""
+
+    path: str
+
+
+class PackageSource(StrictModel):
+    """An installed Python package that ships a model folder: call `function` or take `subdir`."""
+
+    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    function: str | None = None
+    subdir: str | None = None
+
+    @model_validator(mode="after")
+    def _one_locator(self) -> PackageSource:
+        if (self.function is None) == (self.subdir is None):
+            raise ValueError("set exactly one of 'function' (returns the folder) or 'subdir'")
+        return self
+
+
+class DataFile(StrictModel):
+    """A labelled CSV/JSONL file (optionally .bz2/.gz): a path, or a file inside an installed package."""
+
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataFile:
+        if (self.path is None) == (self.package is None) or (self.package is None) != (self.file is None):
+            raise ValueError("set either 'path', or both 'package' and 'file'")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """Real labelled data: a seeded train split fits the probe head, the rest (or test_size) scores."""
+
+    data: DataFile
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] = Field(min_length=2)
+    train_size: int = Field(6000, gt=0)
+    test_size: int | None = Field(None, gt=0)
+    seed: int = 0
+    latency_samples: int = Field(50, gt=0)
+
+
+class Gates(StrictModel):
+    """Tolerances a candidate must meet to be approved (defaults for the core pipeline)."""
+
+    max_metric_drop_pt: float = Field(1.0, ge=0)
+    min_mean_cosine: float = Field(0.99, ge=-1, le=1)
+    min_overlap_at_10: float = Field(0.80, ge=0, le=1)
+    min_agreement: float = Field(0.99, ge=0, le=1)
+
+
+class ExportConfig(StrictModel):
+    """ONNX export and its validation against PyTorch."""
+
+    opset: int = Field(18, ge=14, le=23)
+    atol: float = Field(1e-4, gt=0)
+    min_reference_cosine: float = Field(0.9999, gt=0, le=1)
+    validation_examples: int = Field(64, gt=0)
+
+
+class SessionConfig(StrictModel):
+    intra_op_num_threads: int = Field(2, ge=0, le=64)
+    inter_op_num_threads: int = Field(1, ge=0, le=64)
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = False
+    disable_prepacking: bool = False
+
+
+DEFAULT_CANDIDATES = [
+    "fp32",
+    "fp32-optimized",
+    "int8-qint8-per-channel",
+    "int8-qint8-per-tensor",
+    "int8-quint8-per-channel",
+]
+
+
+class ModelConfig(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    task: Task
+    source: FolderSource | PackageSource
+    eval: EvalConfig
+    gates: Gates = Gates()
+    export: ExportConfig = ExportConfig()
+    session_options: SessionConfig = SessionConfig()
+    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1)
+    measure_repeats: int = Field(5, gt=0, le=100)
+    objective: Literal["lowest_peak_rss", "lowest_latency"] = "lowest_peak_rss"
+
+    @model_validator(mode="after")
+    def _known_candidates(self) -> ModelConfig:
+        from pipeline.candidates import CANDIDATES
+
+        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        if unknown:
+            raise ValueError(f"unknown candidate {unknown[0]!r}; allowed: {', '.join(CANDIDATES)}")
+        return self
+
+
+class LoadedConfigs:
+    """The service config and each model config it names, with the file each came from."""
+
+    def __init__(self, service_path: str | Path):
+        self.service, self.service_path = load_service_config(service_path)
+        self.models: list[tuple[ModelConfig, Path]] = []
+        for entry in self.service.models:
+            model_path = resolve(self.service_path, entry)
+            self.models.append((load_config(model_path, ModelConfig), model_path))
+        names = [m.name for m, _ in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{self.service_path}: field 'models' names the same model twice ({names})")
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return resolve(self.service_path, self.service.artifacts_dir)
+
+
+__all__ = ["ConfigError", "LoadedConfigs", "ModelConfig", "ServiceConfig"]

@@ -1,0 +1,54 @@
+"""Gate checks and selection: pure functions over measured figures, so they are easy to test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline.config import Gates
+from pipeline.state import Evaluation, Measurement, Verdict
+
+
+def gate_failures(
+    evaluation: Evaluation, measurement: Measurement, gates: Gates, share_mb: float
+) -> tuple[str, ...]:
+    """One readable reason per gate the candidate misses (empty when it passes every gate)."""
+    failures = []
+    drop = -evaluation.accuracy["delta"]
+    if drop > gates.max_metric_drop_pt:
+        failures.append(f"{evaluation.accuracy['metric']} drop {drop:.2f} pt > {gates.max_metric_drop_pt} pt")
+    if evaluation.cosine is not None and evaluation.cosine["mean"] < gates.min_mean_cosine:
+        failures.append(f"mean cosine {evaluation.cosine['mean']:.4f} < {gates.min_mean_cosine}")
+    if evaluation.neighbours is not None and evaluation.neighbours["overlap_at_10"] < gates.min_overlap_at_10:
+        failures.append(f"overlap@10 {evaluation.neighbours['overlap_at_10']:.3f} < {gates.min_overlap_at_10}")
+    if evaluation.agreement is not None and evaluation.agreement < gates.min_agreement:
+        failures.append(f"agreement with fp32 {evaluation.agreement:.4f} < {gates.min_agreement}")
+    if measurement.peak_rss_mb > share_mb:
+        failures.append(
+            f"peak RSS {measurement.peak_rss_mb:.0f} MB > share {share_mb:.0f} MB "
+            f"at {measurement.batch}x{measurement.seq_len} tokens"
+        )
+    return tuple(failures)
+
+
+def select(
+    eligible: Sequence[str],
+    evaluations: dict[str, Evaluation],
+    measurements: dict[str, Measurement],
+    gates: Gates,
+    share_mb: float,
+    objective: str,
+) -> tuple[Verdict, ...]:
+    """A verdict per eligible candidate; the passing one that best meets `objective` is chosen."""
+    verdicts = [
+        Verdict(name, gate_failures(evaluations[name], measurements[name], gates, share_mb)) for name in eligible
+    ]
+    passing = [v.variant for v in verdicts if v.passed]
+    if not passing:
+        return tuple(verdicts)
+
+    def cost(name: str) -> tuple[float, float]:
+        rss, p50 = measurements[name].peak_rss_mb, evaluations[name].latency_ms["p50"]
+        return (rss, p50) if objective == "lowest_peak_rss" else (p50, rss)
+
+    best = min(passing, key=cost)
+    return tuple(Verdict(v.variant, v.failures, chosen=v.variant == best) for v in verdicts)

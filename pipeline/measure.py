@@ -1,0 +1,42 @@
+"""Run the peak-memory probe (serve.probe) in a fresh interpreter and read its figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import serve
+
+PROJECT_ROOT = Path(serve.__file__).resolve().parent.parent
+
+
+class ProbeError(RuntimeError):
+    pass
+
+
+def run_probe(models: list[dict[str, Any]], batch: int, seq_len: int, max_tokens_per_run: int,
+              repeats: int) -> dict[str, Any]:
+    """Peak RSS of a process that imports only the serve runtime, loads `models` and runs the worst case."""
+    spec = {
+        "models": models,
+        "batch": batch,
+        "seq_len": seq_len,
+        "max_tokens_per_run": max_tokens_per_run,
+        "repeats": repeats,
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.probe", json.dumps(spec)],
+        capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900, check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProbeError(f"memory probe exited {done.returncode}: {tail}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["forbidden_modules_loaded"]:
+        raise ProbeError(f"memory probe imported build-only modules: {result['forbidden_modules_loaded']}")
+    return result

@@ -1,0 +1,150 @@
+"""artifacts/report.{json,md,png}: every candidate of every model, with its figures and verdict."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.atomic import json_bytes, write_bytes_atomic
+from serve.config import ServiceConfig
+
+if TYPE_CHECKING:
+    from pipeline.run import ModelRun
+
+
+def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
+    state = run.state
+    verdicts = {v.variant: v for v in state.verdicts}
+    rows = []
+    for candidate in state.candidates:
+        evaluation = state.evaluations[candidate.variant]
+        measurement = state.measurements[candidate.variant]
+        verdict = verdicts.get(candidate.variant)
+        if verdict is None:
+            status, reason = "reference", "fp32 reference (not listed as a candidate)"
+        elif verdict.chosen:
+            status, reason = "approved", "passes every gate; best by objective"
+        elif verdict.passed:
+            status, reason = "passed", "passes every gate; not best by objective"
+        else:
+            status, reason = "rejected", "; ".join(verdict.failures)
+        rows.append({
+            "variant": candidate.variant,
+            "file_mb": candidate.file_mb,
+            "peak_rss_mb": measurement.peak_rss_mb,
+            "rss_after_load_mb": measurement.rss_after_load_mb,
+            "p50_ms": evaluation.latency_ms["p50"],
+            "p95_ms": evaluation.latency_ms["p95"],
+            "throughput_per_s": evaluation.throughput,
+            "metric": evaluation.accuracy["metric"],
+            "value": evaluation.accuracy["value"],
+            "delta_pt": evaluation.accuracy["delta"],
+            "n_test": evaluation.accuracy["n_test"],
+            "cosine_mean": evaluation.cosine["mean"] if evaluation.cosine else None,
+            "cosine_min": evaluation.cosine["min"] if evaluation.cosine else None,
+            "overlap_at_10": evaluation.neighbours["overlap_at_10"] if evaluation.neighbours else None,
+            "agreement": evaluation.agreement,
+            "verdict": status,
+            "reason": reason,
+        })
+    return rows
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    service = report["service"]
+    lines = [
+        "# memfit report",
+        "",
+        f"Created {report['created_at']}. Budget {service['budget_mb']:.0f} MB, share per model "
+        f"{service['share_mb']:.0f} MB; worst-case input {service['max_batch']} x {service['max_seq_len']} tokens.",
+        "Peak RSS is VmHWM of a fresh process that imports only the service runtime.",
+        "",
+    ]
+    for model in report["models"]:
+        lines += [
+            f"## {model['model']} ({model['task']})",
+            "",
+            f"Approved: **{model['approved'] or 'nothing (no candidate passed)'}**. Test examples: {model['n_test']}.",
+            "",
+            "| variant | file MB | peak RSS MB | p50 ms | p95 ms | metric | Δ pt | cos mean | cos min | overlap@10 "
+            "| agreement | verdict | why |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in model["candidates"]:
+            lines.append(
+                f"| {row['variant']} | {_fmt(row['file_mb'], 1)} | {_fmt(row['peak_rss_mb'], 1)} | "
+                f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | {_fmt(row['value'], 4)} | "
+                f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
+                f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
+            )
+        lines.append("")
+    lines += ["![accuracy vs peak RSS](report.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for model in report["models"]:
+        rows = model["candidates"]
+        xs = [r["peak_rss_mb"] for r in rows]
+        ys = [r["value"] for r in rows]
+        points = axes.scatter(xs, ys, label=model["model"])
+        for row, x, y in zip(rows, xs, ys, strict=True):
+            marker = " ✓" if row["verdict"] == "approved" else ""
+            axes.annotate(row["variant"] + marker, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                          color=points.get_facecolor()[0])
+    service = report["service"]
+    axes.axvline(service["budget_mb"], color="red", linestyle="--", label=f"budget {service['budget_mb']:.0f} MB")
+    axes.axvline(service["share_mb"], color="orange", linestyle=":", label=f"share {service['share_mb']:.0f} MB")
+    axes.set_xlabel(f"peak RSS, MB (fresh process, {service['max_batch']} x {service['max_seq_len']} tokens)")
+    axes.set_ylabel("task metric (probe accuracy / accuracy)")
+    axes.set_title("memfit candidates: accuracy vs peak RSS")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    figure.savefig(tmp, dpi=120, format="png")
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def write_report(runs: list[ModelRun], artifacts_root: Path, service: ServiceConfig) -> dict[str, Any]:
+    report = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "service": {
+            "budget_mb": service.budget_mb,
+            "share_mb": service.model_share_mb,
+            "max_batch": service.limits.max_batch,
+            "max_seq_len": service.limits.max_seq_len,
+        },
+        "models": [
+            {
+                "model": run.context.model.name,
+                "task": run.context.model.task,
+                "approved": run.state.approved.name if run.state.approved else None,
+                "n_test": len(run.state.dataset.test.texts) if run.state.dataset else 0,
+                "export_validation": run.state.exported.validation if run.state.exported else None,
+                "candidates": candidate_rows(run),
+            }
+            for run in runs
+        ],
+    }
+    artifacts_root.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(artifacts_root / "report.json", json_bytes(report))
+    write_bytes_atomic(artifacts_root / "report.md", markdown(report).encode())
+    plot(report, artifacts_root / "report.png")
+    return report

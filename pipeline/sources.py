@@ -1,0 +1,62 @@
+"""Locate model folders and data files: a local path, or a file shipped inside an installed package."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+from pipeline.config import DataFile, FolderSource, PackageSource
+from serve.config import ConfigError, resolve
+
+
+def package_root(package: str, config_path: Path, field: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package.split(".")[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"{config_path}: field '{field}' names package {package!r}, which is not installed (run `make setup`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def package_version(package: str) -> str | None:
+    top = package.split(".")[0]
+    for dist in importlib.metadata.packages_distributions().get(top, []):
+        return f"{dist}=={importlib.metadata.version(dist)}"
+    return None
+
+
+def model_folder(source: FolderSource | PackageSource, config_path: Path) -> tuple[Path, dict[str, str | None]]:
+    """The model folder and a description of where it came from, for the manifest."""
+    if isinstance(source, FolderSource):
+        folder = resolve(config_path, source.path)
+        described: dict[str, str | None] = {"kind": "folder", "path": str(folder.resolve())}
+    else:
+        if source.function:
+            package_root(source.package, config_path, "source.package")
+            module = importlib.import_module(source.package)
+            locate = getattr(module, source.function, None)
+            if not callable(locate):
+                raise ConfigError(
+                    f"{config_path}: field 'source.function' {source.function!r} is not a function of {source.package}"
+                )
+            folder = Path(locate())
+        else:
+            folder = package_root(source.package, config_path, "source.package") / str(source.subdir)
+        described = {"kind": "package", "package": package_version(source.package) or source.package,
+                     "path": str(folder.resolve())}
+    if not folder.is_dir():
+        raise ConfigError(f"{config_path}: field 'source' points at {folder}, which is not a folder")
+    return folder, described
+
+
+def data_path(data: DataFile, config_path: Path) -> Path:
+    if data.path is not None:
+        path = resolve(config_path, data.path)
+    else:
+        path = package_root(str(data.package), config_path, "eval.data.package") / str(data.file)
+    if not path.is_file():
+        raise ConfigError(f"{config_path}: field 'eval.data' points at {path}, which is not a file")
+    return path

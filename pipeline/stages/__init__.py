@@ -1,0 +1,41 @@
+"""Build stages. Each is a small unit with a typed config and one `run(context, state) -> state`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pipeline.state import BuildContext, BuildState
+
+
+class StageError(Exception):
+    """A stage failed closed (bad model folder, export mismatch, no candidate passing); exit non-zero."""
+
+    exit_code = 1
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, context: BuildContext, state: BuildState) -> BuildState: ...
+
+
+def default_pipeline(context: BuildContext) -> list[Stage]:
+    """The stages of `memfit optimize`, in order, configured from the model's config."""
+    from pipeline.stages.approve import ApproveStage
+    from pipeline.stages.candidates import CandidatesStage
+    from pipeline.stages.data import DataStage
+    from pipeline.stages.evaluate import EvaluateStage
+    from pipeline.stages.export import ExportStage
+    from pipeline.stages.load import LoadStage
+    from pipeline.stages.measure import MeasureStage
+
+    model = context.model
+    return [
+        DataStage(model.eval),
+        LoadStage(model.source),
+        ExportStage(model.export),
+        CandidatesStage(tuple(model.candidates)),
+        EvaluateStage(model.eval),
+        MeasureStage(model.session_options, model.measure_repeats),
+        ApproveStage(model.gates, model.objective),
+    ]

@@ -1,0 +1,146 @@
+"""Fail-closed approval: apply the gates, pick one candidate, and publish it atomically.
+
+The variant folder is written to a temp dir and renamed into place; only then is approved.json
+replaced (atomically). If nothing passes, the previous approval is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_dir, json_bytes, remove_leftovers, write_bytes_atomic
+from pipeline.config import Gates
+from pipeline.gates import select
+from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel
+from serve.artifacts import (
+    APPROVED_FILE,
+    MANIFEST_FILE,
+    RUNTIME_FILE,
+    ArtifactError,
+    load_approved,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE
+
+ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
+VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
+KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build_manifest(context: BuildContext, source: SourceModel, candidate: Candidate, evaluation: Evaluation,
+                   measurement: Measurement, files: dict[str, Any], gates: Gates) -> dict[str, Any]:
+    limits = context.service.limits
+    metrics: dict[str, Any] = {
+        "peak_rss_mb": measurement.peak_rss_mb,
+        "ru_maxrss_mb": measurement.ru_maxrss_mb,
+        "rss_after_load_mb": measurement.rss_after_load_mb,
+        "rss_after_imports_mb": measurement.rss_after_imports_mb,
+        "measured_at": {"batch": measurement.batch, "seq_len": measurement.seq_len},
+        "accuracy": evaluation.accuracy,
+        "latency_ms": evaluation.latency_ms,
+        "throughput_per_s": evaluation.throughput,
+        "file_mb": candidate.file_mb,
+    }
+    if evaluation.cosine is not None:
+        metrics["cosine"] = evaluation.cosine
+        metrics["neighbours"] = evaluation.neighbours
+    if evaluation.agreement is not None:
+        metrics["agreement"] = evaluation.agreement
+    return {
+        "model": context.model.name,
+        "task": context.model.task,
+        "source": source.source,
+        "variant": {"name": candidate.variant, **candidate.settings},
+        "files": files,
+        "runtime": read_json(candidate.folder / RUNTIME_FILE),
+        "session_options": context.model.session_options.model_dump(),
+        "limits": {
+            "max_batch": limits.max_batch,
+            "max_seq_len": limits.max_seq_len,
+            "max_tokens_per_run": context.max_tokens_per_run,
+        },
+        "budget_mb": context.service.budget_mb,
+        "budget_share_mb": context.service.model_share_mb,
+        "metrics": metrics,
+        "gates": gates.model_dump(),
+        "versions": versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+    }
+
+
+def publish(context: BuildContext, manifest_for: Any, candidate: Candidate) -> Path:
+    """Write the variant folder atomically, then point approved.json at it; returns the new folder."""
+    model_dir = context.artifacts_dir
+    remove_leftovers(model_dir)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    final = model_dir / f"{candidate.variant}-{stamp}"
+    with atomic_dir(final) as tmp:
+        files = {}
+        for name in ARTIFACT_FILES:
+            shutil.copy2(candidate.folder / name, tmp / name)
+            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+        (tmp / MANIFEST_FILE).write_bytes(json_bytes(manifest_for(files)))
+    manifest_sha = sha256_bytes((final / MANIFEST_FILE).read_bytes())
+    pointer = {"variant": final.name, "manifest": f"{final.name}/{MANIFEST_FILE}", "sha256": manifest_sha}
+    write_bytes_atomic(model_dir / APPROVED_FILE, json_bytes(pointer))
+    prune(model_dir, keep=final)
+    return final
+
+
+def prune(model_dir: Path, keep: Path) -> None:
+    """Remove old variant folders, keeping the newest KEEP_VARIANTS (the approved one always)."""
+    variants = sorted((p for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).exists()),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in variants[KEEP_VARIANTS:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ApproveStage:
+    gates: Gates
+    objective: str
+    name: str = "approve"
+
+    def run(self, context: BuildContext, state: BuildState) -> BuildState:
+        source: SourceModel = state.require("source")
+        evaluations: dict[str, Evaluation] = state.require("evaluations")
+        measurements: dict[str, Measurement] = state.require("measurements")
+        eligible = [c.variant for c in state.candidates if c.variant in context.model.candidates]
+        verdicts = select(eligible, evaluations, measurements, self.gates, context.service.model_share_mb,
+                          self.objective)
+        chosen = next((v.variant for v in verdicts if v.chosen), None)
+        if chosen is None:
+            return replace(state, verdicts=verdicts)
+        candidate = next(c for c in state.candidates if c.variant == chosen)
+
+        def manifest_for(files: dict[str, Any]) -> dict[str, Any]:
+            return build_manifest(context, source, candidate, evaluations[chosen], measurements[chosen], files,
+                                  self.gates)
+
+        folder = publish(context, manifest_for, candidate)
+        try:
+            load_approved(context.artifacts_dir)
+        except ArtifactError as exc:  # pragma: no cover - would mean the write itself is broken
+            raise RuntimeError(f"freshly approved artifact does not verify: {exc}") from exc
+        return replace(state, verdicts=verdicts, approved=folder)

@@ -1,0 +1,105 @@
+"""The explicit artifacts that flow from one stage to the next.
+
+A stage reads the fields earlier stages filled and returns a new BuildState with its own; nothing is
+passed through globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelConfig, ServiceConfig
+from pipeline.data import Dataset
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Fixed inputs of one model's run."""
+
+    model: ModelConfig
+    config_path: Path
+    service: ServiceConfig
+    work_dir: Path  # build/<model>: exports and candidates, cached by source hash
+    artifacts_dir: Path  # artifacts/<model>: approved variants only
+
+    @property
+    def max_tokens_per_run(self) -> int:
+        return self.service.limits.max_batch * self.service.limits.max_seq_len
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    folder: Path
+    weights_sha256: str
+    source: dict[str, Any]
+    pooling: str | None
+    normalize: bool
+    labels: tuple[str, ...]
+    is_sentence_transformer: bool
+    model_type: str
+    max_positions: int
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    folder: Path  # model.onnx + tokenizer.json + runtime.json
+    validation: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    folder: Path
+    settings: dict[str, Any]
+    file_mb: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: dict[str, Any]  # metric, reference, value, delta (points), n_test
+    cosine: dict[str, float] | None  # mean, min against fp32 (embeddings)
+    neighbours: dict[str, float] | None  # overlap_at_10 against fp32 (embeddings)
+    agreement: float | None  # top-1 agreement with fp32 (classification)
+    latency_ms: dict[str, float]  # p50, p95 for one input
+    throughput: float  # inputs/s over the test split
+
+
+@dataclass(frozen=True)
+class Measurement:
+    peak_rss_mb: float  # VmHWM of the fresh probe process
+    ru_maxrss_mb: float
+    rss_after_imports_mb: float
+    rss_after_load_mb: float
+    batch: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    variant: str
+    failures: tuple[str, ...]
+    chosen: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class BuildState:
+    dataset: Dataset | None = None
+    source: SourceModel | None = None
+    exported: ExportedModel | None = None
+    candidates: tuple[Candidate, ...] = ()
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+    verdicts: tuple[Verdict, ...] = ()
+    approved: Path | None = None  # the new variant folder, when one was approved
+
+    def require(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None or value == () or value == {}:
+            raise RuntimeError(f"stage order error: {name!r} has not been produced yet")
+        return value

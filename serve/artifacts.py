@@ -1,0 +1,112 @@
+"""The manifest contract: reading `approved.json`, re-hashing every file, refusing paths that escape.
+
+The pipeline writes this contract and the service reads it; both verify through this one module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+APPROVED_FILE = "approved.json"
+MANIFEST_FILE = "manifest.json"
+RUNTIME_FILE = "runtime.json"
+CHUNK = 1 << 20
+
+
+class ArtifactError(Exception):
+    """An approved artifact that is missing, tampered with or unsafe; nothing is loaded from it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def contained_path(root: Path, relpath: str) -> Path:
+    """`root/relpath`, refusing absolute paths, `..` and symlinks that leave `root`."""
+    rel = Path(relpath)
+    if rel.is_absolute() or relpath.startswith(("/", "\\")) or ".." in rel.parts or not rel.parts:
+        raise ArtifactError(f"{root}: path {relpath!r} is absolute or leaves the artifact folder")
+    candidate = root / rel
+    if candidate.is_symlink():
+        raise ArtifactError(f"{candidate}: symlinks are not allowed in an artifact")
+    resolved_root = root.resolve()
+    if not candidate.resolve().is_relative_to(resolved_root):
+        raise ArtifactError(f"{root}: path {relpath!r} resolves outside the artifact folder")
+    return candidate
+
+
+@dataclass(frozen=True)
+class ApprovedArtifact:
+    """One model's approved variant: its folder and its parsed, verified manifest."""
+
+    model: str
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def variant_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return float(self.manifest["metrics"]["peak_rss_mb"])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data
+
+
+def verify_files(folder: Path, files: dict[str, Any]) -> None:
+    """Re-hash every file the manifest lists; any mismatch, absence or escape raises ArtifactError."""
+    if not files:
+        raise ArtifactError(f"{folder}: manifest lists no files")
+    for relpath, entry in files.items():
+        path = contained_path(folder, relpath)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise ArtifactError(f"{path}: size {path.stat().st_size} differs from manifest {entry['bytes']}")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
+
+
+def load_approved(model_dir: Path, verify: bool = True) -> ApprovedArtifact:
+    """Follow `approved.json` to its manifest, checking the manifest's own hash and then every file."""
+    pointer = read_json(model_dir / APPROVED_FILE)
+    try:
+        manifest_rel = str(pointer["manifest"])
+        expected = str(pointer["sha256"])
+    except KeyError as exc:
+        raise ArtifactError(f"{model_dir / APPROVED_FILE}: missing key {exc}") from None
+    manifest_path = contained_path(model_dir, manifest_rel)
+    try:
+        raw = manifest_path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest_path}: approved manifest is missing") from None
+    if sha256_bytes(raw) != expected:
+        raise ArtifactError(f"{manifest_path}: sha256 differs from {APPROVED_FILE} (corrupted or tampered)")
+    manifest = json.loads(raw)
+    folder = manifest_path.parent
+    if verify:
+        verify_files(folder, manifest.get("files", {}))
+    return ApprovedArtifact(model=model_dir.name, folder=folder, manifest=manifest)

@@ -1,0 +1,152 @@
+"""YAML configs validated on load; every error names the file, the field and what is allowed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A config (or input folder) that cannot be used; the CLI exits 2 with this one-line message."""
+
+    exit_code = 2
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _describe(error: dict[str, Any], model_cls: type[BaseModel]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _section_fields(model_cls, error["loc"][:-1])
+        return f"unknown key; allowed keys: {', '.join(parent)}" if parent else "unknown key"
+    if kind == "missing":
+        return "is required"
+    return f"{error['msg']} (got {error.get('input')!r})"
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at `loc`, to tell the user what an unknown key could have been."""
+    current: Any = model_cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        current = candidates[0]
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(path: Path, error: ValidationError, model_cls: type[BaseModel]) -> str:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    field = ".".join(loc) or "<top level>"
+    return f"{path}: field '{field}' {_describe(dict(first), model_cls)}"
+
+
+def load_config(path: str | Path, model_cls: type[Model]) -> Model:
+    """Parse `path` as YAML and validate it as `model_cls`, raising ConfigError with one line on failure."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: field '<top level>' must be a mapping of keys to values")
+    try:
+        return model_cls.model_validate(data, context={"config_dir": path.parent})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc, model_cls)) from None
+
+
+class Limits(StrictModel):
+    """Request limits; the worst-case input the pipeline measures is max_batch × max_seq_len."""
+
+    max_batch: int = Field(32, gt=0, le=4096)
+    max_seq_len: int = Field(128, gt=0, le=8192)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    truncate: bool = False
+
+
+class ServiceConfig(StrictModel):
+    """configs/service.yaml: which models one worker hosts together and within what budget."""
+
+    budget_mb: float = Field(512, gt=0)
+    headroom_mb: float = Field(48, ge=0)
+    models: list[str] = Field(min_length=1)
+    limits: Limits = Limits()
+    artifacts_dir: str = "../artifacts"
+
+    @model_validator(mode="after")
+    def _headroom_below_budget(self) -> ServiceConfig:
+        if self.headroom_mb >= self.budget_mb:
+            raise ValueError("headroom_mb must be smaller than budget_mb")
+        return self
+
+    @property
+    def model_share_mb(self) -> float:
+        """Peak RSS each model may use when measured alone: the budget less headroom, split evenly."""
+        return (self.budget_mb - self.headroom_mb) / len(self.models)
+
+
+def load_service_config(path: str | Path) -> tuple[ServiceConfig, Path]:
+    """The service config with env-var overrides applied (MEMORY_BUDGET_MB, MAX_BATCH, ...)."""
+    path = Path(path)
+    config = load_config(path, ServiceConfig)
+    return apply_env_overrides(config, path), path
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "MEMORY_BUDGET_MB": ("budget_mb",),
+    "HEADROOM_MB": ("headroom_mb",),
+    "MAX_BATCH": ("limits", "max_batch"),
+    "MAX_SEQ_LEN": ("limits", "max_seq_len"),
+    "MAX_BODY_BYTES": ("limits", "max_body_bytes"),
+    "TRUNCATE": ("limits", "truncate"),
+    "ARTIFACTS_DIR": ("artifacts_dir",),
+}
+
+
+def apply_env_overrides(config: ServiceConfig, path: Path) -> ServiceConfig:
+    data = config.model_dump()
+    changed = False
+    for env, keys in ENV_OVERRIDES.items():
+        raw = os.environ.get(env)
+        if raw is None or raw == "":
+            continue
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = yaml.safe_load(raw)
+        changed = True
+    if not changed:
+        return config
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(Path(f"{path} (with env overrides)"), exc, ServiceConfig))
+
+
+def resolve(base: Path, relative: str) -> Path:
+    """A path from a config, relative to the config file's folder unless absolute."""
+    candidate = Path(relative).expanduser()
+    return candidate if candidate.is_absolute() else (base.parent / candidate)

@@ -1,0 +1,80 @@
+"""Peak-memory probe: a fresh process that imports only the service runtime, loads model folders the
+way the service does and runs the worst-case input the service accepts.
+
+Usage: python -m serve.probe SPEC_JSON  (prints one JSON line). The pipeline calls this for every
+candidate; it never measures inside its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+FORBIDDEN_MODULES = ("torch", "transformers", "optimum", "sklearn")
+WORST_CASE_WORD = "memory"
+CHILD_FLAG = "--measure"
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status, in MB (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def worst_case_texts(batch: int, seq_len: int) -> list[str]:
+    """`batch` texts that each tokenize past `seq_len`, so truncation yields full-length rows."""
+    return [" ".join([WORST_CASE_WORD] * (seq_len + 8))] * batch
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    before_imports = rss_mb()
+    from serve.runtime import ModelRuntime, SessionSettings  # imported here so its cost is measured
+
+    after_imports = rss_mb()
+    runtimes = [
+        ModelRuntime(
+            Path(m["folder"]),
+            SessionSettings.from_json(m["session_options"]),
+            max_seq_len=spec["seq_len"],
+            max_tokens_per_run=spec["max_tokens_per_run"],
+            max_batch=spec["batch"],
+        )
+        for m in spec["models"]
+    ]
+    after_load = rss_mb()
+    texts = worst_case_texts(spec["batch"], spec["seq_len"])
+    peaks = []
+    for _ in range(spec["repeats"]):
+        for runtime in runtimes:
+            runtime.embed(texts)
+        peaks.append(rss_mb("VmHWM"))
+    leaked = [name for name in FORBIDDEN_MODULES if name in sys.modules]
+    return {
+        "rss_start_mb": round(before_imports, 1),
+        "rss_after_imports_mb": round(after_imports, 1),
+        "rss_after_load_mb": round(after_load, 1),
+        "vmhwm_mb": round(rss_mb("VmHWM"), 1),
+        "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "forbidden_modules_loaded": leaked,
+    }
+
+
+def main() -> None:
+    """Re-spawn once from this small interpreter: Linux carries ru_maxrss across fork+exec, so a probe
+    forked straight from the (large) pipeline process would report the pipeline's peak as its own."""
+    if sys.argv[1:2] == [CHILD_FLAG]:
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    done = subprocess.run([sys.executable, "-m", "serve.probe", CHILD_FLAG, sys.argv[1]], check=False)
+    sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()
