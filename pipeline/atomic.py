@@ -91,10 +91,12 @@ def run_lock(folder: Path) -> Iterator[None]:
     with path.open("a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise RunLockError(f"{folder}: another memfit run holds the lock (pid {holder}); try again when it ends")
+            raise RunLockError(
+                f"{folder}: another memfit run holds the lock (pid {holder}); try again when it ends"
+            ) from exc
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,8 +16,11 @@ DEFAULT_SERVICE = "configs/service.yaml"
 def cmd_optimize(args: argparse.Namespace) -> int:
     from pipeline.run import optimize
 
-    runs = optimize(Path(args.service), only=args.model or None,
-                    work_root=Path(args.build_dir) if args.build_dir else None)
+    runs = optimize(
+        Path(args.service),
+        only=args.model or None,
+        work_root=Path(args.build_dir) if args.build_dir else None,
+    )
     for run in runs:
         print(f"memfit: {run.context.model.name}: approved {run.state.approved}")
     return 0
@@ -43,12 +47,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_check_baseline(args: argparse.Namespace) -> int:
+    from pipeline.baseline import check_baseline
+    from pipeline.config import LoadedConfigs
+
+    configs = LoadedConfigs(Path(args.service))
+    names = [model.name for model, _ in configs.models]
+    result = check_baseline(configs.artifacts_dir, Path(args.baseline), names, args.tolerance)
+    for line in result.notes:
+        print(f"memfit: baseline: {line}")
+    for line in result.failures:
+        print(f"memfit: baseline: FAILED: {line}")
+    return 1 if result.failures else 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from serve.planner import plan_from_config
 
     fits, message = plan_from_config(Path(args.service), workers=args.workers)
     print(message)
     return 0 if fits else 1
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from pipeline.servebench import serve_bench
+
+    result = serve_bench(Path(args.service), requests=args.requests)
+    idle, peak = result["idle"], result["peak"]
+    print(f"memfit serve-bench: {result['requests']} mixed requests, 1 gunicorn worker, {result['samples']} samples")
+    print(f"  idle  RSS master {idle['master_rss']:.1f} + worker {idle['worker_rss']:.1f} = {idle['total_rss']:.1f} MB;"
+          f" PSS {idle['total_pss']:.1f} MB")
+    print(f"  peak  RSS master {peak['master_rss']:.1f} + worker {peak['worker_rss']:.1f} = {peak['total_rss']:.1f} MB;"
+          f" PSS {peak['total_pss']:.1f} MB; worker VmHWM {result['worker_vmhwm_mb']:.1f} MB")
+    print(f"  latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms; {result['requests_per_s']:.1f} req/s;"
+          f" {len(result['failures'])} failed")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 1 if result["failures"] else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +97,16 @@ def parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-hash every approved artifact against its manifest")
     verify.add_argument("--service", default=DEFAULT_SERVICE)
     verify.set_defaults(func=cmd_verify)
+    baseline = sub.add_parser("check-baseline", help="CI gate: approved peak RSS against the committed baseline")
+    baseline.add_argument("--service", default=DEFAULT_SERVICE)
+    baseline.add_argument("--baseline", default="benchmarks/memory-baseline.json")
+    baseline.add_argument("--tolerance", type=float, default=0.10, help="allowed growth (fraction)")
+    baseline.set_defaults(func=cmd_check_baseline)
+    bench = sub.add_parser("serve-bench", help="measure the real service under gunicorn with a request mix")
+    bench.add_argument("--service", default=DEFAULT_SERVICE)
+    bench.add_argument("--requests", type=int, default=500)
+    bench.add_argument("--json", help="also write the figures to this file")
+    bench.set_defaults(func=cmd_serve_bench)
     plan = sub.add_parser("plan", help="how many gunicorn workers fit the budget")
     plan.add_argument("--service", default=DEFAULT_SERVICE)
     plan.add_argument("--workers", type=int, default=None, help="default: $WORKERS or 1")

@@ -5,30 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from serve.config import ConfigError, ServiceConfig, StrictModel, load_config, load_service_config, resolve
 
 Task = Literal["feature-extraction", "text-classification"]
 
 
-class FolderSource(StrictModel):
-    """A local Hugging Face model folder (relative to the config file)."""
+class SourceConfig(StrictModel):
+    """Where the model folder is: a local `path` (relative to the config file), or an installed
+    `package` that ships one, located by calling its `function` or by its `subdir`."""
 
-    path: str
-
-
-class PackageSource(StrictModel):
-    """An installed Python package that ships a model folder: call `function` or take `subdir`."""
-
-    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    path: str | None = None
+    package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
     function: str | None = None
     subdir: str | None = None
 
     @model_validator(mode="after")
-    def _one_locator(self) -> PackageSource:
-        if (self.function is None) == (self.subdir is None):
-            raise ValueError("set exactly one of 'function' (returns the folder) or 'subdir'")
+    def _one_location(self) -> SourceConfig:
+        by_package = self.package is not None and (self.function is None) != (self.subdir is None)
+        by_path = self.path is not None and self.package is None and self.function is None and self.subdir is None
+        if not (by_package or by_path):
+            raise ValueError("set either 'path', or 'package' with exactly one of 'function' or 'subdir'")
         return self
 
 
@@ -97,7 +95,7 @@ DEFAULT_CANDIDATES = [
 class ModelConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     task: Task
-    source: FolderSource | PackageSource
+    source: SourceConfig
     eval: EvalConfig
     gates: Gates = Gates()
     export: ExportConfig = ExportConfig()
@@ -106,14 +104,15 @@ class ModelConfig(StrictModel):
     measure_repeats: int = Field(5, gt=0, le=100)
     objective: Literal["lowest_peak_rss", "lowest_latency"] = "lowest_peak_rss"
 
-    @model_validator(mode="after")
-    def _known_candidates(self) -> ModelConfig:
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, names: list[str]) -> list[str]:
         from pipeline.candidates import CANDIDATES
 
-        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        unknown = [c for c in names if c not in CANDIDATES]
         if unknown:
             raise ValueError(f"unknown candidate {unknown[0]!r}; allowed: {', '.join(CANDIDATES)}")
-        return self
+        return names
 
 
 class LoadedConfigs:
@@ -127,7 +126,7 @@ class LoadedConfigs:
             self.models.append((load_config(model_path, ModelConfig), model_path))
         names = [m.name for m, _ in self.models]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{self.service_path}: field 'models' names the same model twice ({names})")
+            raise ConfigError(f"{self.service_path}: field 'models': names the same model twice ({names})")
 
     @property
     def artifacts_dir(self) -> Path:

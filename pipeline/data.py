@@ -59,7 +59,7 @@ def load_dataset(path: Path, config: EvalConfig, config_path: Path) -> Dataset:
     for row in _rows(path):
         if config.text_column not in row or config.label_column not in row:
             raise ConfigError(
-                f"{config_path}: field 'eval.text_column'/'eval.label_column' not in {path.name} "
+                f"{config_path}: field 'eval.text_column'/'eval.label_column': not columns of {path.name} "
                 f"(columns: {', '.join(row)})"
             )
         text, label = str(row[config.text_column]).strip(), str(row[config.label_column])
@@ -74,7 +74,7 @@ def load_dataset(path: Path, config: EvalConfig, config_path: Path) -> Dataset:
         test_idx = test_idx[: config.test_size]
     if len(test_idx) == 0 or len(set(unique[i][1] for i in train_idx)) < 2:
         raise ConfigError(
-            f"{config_path}: field 'eval.train_size' leaves no test examples or one class "
+            f"{config_path}: field 'eval.train_size': leaves no test examples or one class "
             f"({len(unique)} usable rows in {path.name})"
         )
 

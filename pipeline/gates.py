@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pipeline.config import Gates
 from pipeline.state import Evaluation, Measurement, Verdict
 
+RSS_TIE = 0.02  # peak RSS repeats within ~1% here; 2% apart is not a real difference
+LATENCY_TIE = 0.10  # p50 on a shared 2-core machine drifts by several percent between runs
 
-def gate_failures(
-    evaluation: Evaluation, measurement: Measurement, gates: Gates, share_mb: float
-) -> tuple[str, ...]:
+
+def gate_failures(evaluation: Evaluation, measurement: Measurement, gates: Gates, share_mb: float) -> tuple[str, ...]:
     """One readable reason per gate the candidate misses (empty when it passes every gate)."""
     failures = []
     drop = -evaluation.accuracy["delta"]
@@ -46,9 +47,11 @@ def select(
     if not passing:
         return tuple(verdicts)
 
-    def cost(name: str) -> tuple[float, float]:
-        rss, p50 = measurements[name].peak_rss_mb, evaluations[name].latency_ms["p50"]
-        return (rss, p50) if objective == "lowest_peak_rss" else (p50, rss)
-
-    best = min(passing, key=cost)
+    rss = {name: measurements[name].peak_rss_mb for name in passing}
+    p50 = {name: evaluations[name].latency_ms["p50"] for name in passing}
+    primary, secondary, margin = (rss, p50, RSS_TIE) if objective == "lowest_peak_rss" else (p50, rss, LATENCY_TIE)
+    floor = min(primary.values())
+    # Figures within measurement noise of the best count as equal; the other figure decides among them.
+    tied = [name for name in passing if primary[name] <= floor * (1 + margin)]
+    best = min(tied, key=lambda name: (secondary[name], primary[name]))
     return tuple(Verdict(v.variant, v.failures, chosen=v.variant == best) for v in verdicts)

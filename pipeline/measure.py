@@ -18,8 +18,9 @@ class ProbeError(RuntimeError):
     pass
 
 
-def run_probe(models: list[dict[str, Any]], batch: int, seq_len: int, max_tokens_per_run: int,
-              repeats: int) -> dict[str, Any]:
+def run_probe(
+    models: list[dict[str, Any]], batch: int, seq_len: int, max_tokens_per_run: int, repeats: int
+) -> dict[str, Any]:
     """Peak RSS of a process that imports only the serve runtime, loads `models` and runs the worst case."""
     spec = {
         "models": models,
@@ -28,10 +29,18 @@ def run_probe(models: list[dict[str, Any]], batch: int, seq_len: int, max_tokens
         "max_tokens_per_run": max_tokens_per_run,
         "repeats": repeats,
     }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "serve.probe", json.dumps(spec)],
-        capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=900,
+        check=False,
     )
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

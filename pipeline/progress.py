@@ -14,8 +14,7 @@ T = TypeVar("T")
 
 
 def bar(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, mininterval=1.0,
-                    disable=None)
+    yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, mininterval=1.0, disable=None)
 
 
 @contextlib.contextmanager

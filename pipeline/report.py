@@ -29,25 +29,27 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
             status, reason = "passed", "passes every gate; not best by objective"
         else:
             status, reason = "rejected", "; ".join(verdict.failures)
-        rows.append({
-            "variant": candidate.variant,
-            "file_mb": candidate.file_mb,
-            "peak_rss_mb": measurement.peak_rss_mb,
-            "rss_after_load_mb": measurement.rss_after_load_mb,
-            "p50_ms": evaluation.latency_ms["p50"],
-            "p95_ms": evaluation.latency_ms["p95"],
-            "throughput_per_s": evaluation.throughput,
-            "metric": evaluation.accuracy["metric"],
-            "value": evaluation.accuracy["value"],
-            "delta_pt": evaluation.accuracy["delta"],
-            "n_test": evaluation.accuracy["n_test"],
-            "cosine_mean": evaluation.cosine["mean"] if evaluation.cosine else None,
-            "cosine_min": evaluation.cosine["min"] if evaluation.cosine else None,
-            "overlap_at_10": evaluation.neighbours["overlap_at_10"] if evaluation.neighbours else None,
-            "agreement": evaluation.agreement,
-            "verdict": status,
-            "reason": reason,
-        })
+        rows.append(
+            {
+                "variant": candidate.variant,
+                "file_mb": candidate.file_mb,
+                "peak_rss_mb": measurement.peak_rss_mb,
+                "rss_after_load_mb": measurement.rss_after_load_mb,
+                "p50_ms": evaluation.latency_ms["p50"],
+                "p95_ms": evaluation.latency_ms["p95"],
+                "throughput_per_s": evaluation.throughput,
+                "metric": evaluation.accuracy["metric"],
+                "value": evaluation.accuracy["value"],
+                "delta_pt": evaluation.accuracy["delta"],
+                "n_test": evaluation.accuracy["n_test"],
+                "cosine_mean": evaluation.cosine["mean"] if evaluation.cosine else None,
+                "cosine_min": evaluation.cosine["min"] if evaluation.cosine else None,
+                "overlap_at_10": evaluation.neighbours["overlap_at_10"] if evaluation.neighbours else None,
+                "agreement": evaluation.agreement,
+                "verdict": status,
+                "reason": reason,
+            }
+        )
     return rows
 
 
@@ -105,8 +107,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
         points = axes.scatter(xs, ys, label=model["model"])
         for row, x, y in zip(rows, xs, ys, strict=True):
             marker = " ✓" if row["verdict"] == "approved" else ""
-            axes.annotate(row["variant"] + marker, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points",
-                          color=points.get_facecolor()[0])
+            axes.annotate(
+                row["variant"] + marker,
+                (x, y),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+                color=points.get_facecolor()[0],
+            )
     service = report["service"]
     axes.axvline(service["budget_mb"], color="red", linestyle="--", label=f"budget {service['budget_mb']:.0f} MB")
     axes.axvline(service["share_mb"], color="orange", linestyle=":", label=f"share {service['share_mb']:.0f} MB")

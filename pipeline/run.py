@@ -38,6 +38,7 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
             model=model,
             config_path=config_path,
             service=configs.service,
+            service_path=configs.service_path,
             work_dir=work_root / model.name,
             artifacts_dir=artifacts_root / model.name,
         )

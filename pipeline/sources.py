@@ -7,7 +7,7 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-from pipeline.config import DataFile, FolderSource, PackageSource
+from pipeline.config import DataFile, SourceConfig
 from serve.config import ConfigError, resolve
 
 
@@ -15,9 +15,7 @@ def package_root(package: str, config_path: Path, field: str) -> Path:
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package.split(".")[0])
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"{config_path}: field '{field}' names package {package!r}, which is not installed (run `make setup`)"
-        )
+        raise ConfigError(f"{config_path}: field '{field}': package {package!r} is not installed (run `make setup`)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -28,27 +26,31 @@ def package_version(package: str) -> str | None:
     return None
 
 
-def model_folder(source: FolderSource | PackageSource, config_path: Path) -> tuple[Path, dict[str, str | None]]:
+def model_folder(source: SourceConfig, config_path: Path) -> tuple[Path, dict[str, str | None]]:
     """The model folder and a description of where it came from, for the manifest."""
-    if isinstance(source, FolderSource):
+    if source.path is not None:
         folder = resolve(config_path, source.path)
         described: dict[str, str | None] = {"kind": "folder", "path": str(folder.resolve())}
     else:
+        package = str(source.package)
         if source.function:
-            package_root(source.package, config_path, "source.package")
-            module = importlib.import_module(source.package)
+            package_root(package, config_path, "source.package")
+            module = importlib.import_module(package)
             locate = getattr(module, source.function, None)
             if not callable(locate):
                 raise ConfigError(
-                    f"{config_path}: field 'source.function' {source.function!r} is not a function of {source.package}"
+                    f"{config_path}: field 'source.function': {source.function!r} is not a function of {package}"
                 )
             folder = Path(locate())
         else:
-            folder = package_root(source.package, config_path, "source.package") / str(source.subdir)
-        described = {"kind": "package", "package": package_version(source.package) or source.package,
-                     "path": str(folder.resolve())}
+            folder = package_root(package, config_path, "source.package") / str(source.subdir)
+        described = {
+            "kind": "package",
+            "package": package_version(package) or package,
+            "path": str(folder.resolve()),
+        }
     if not folder.is_dir():
-        raise ConfigError(f"{config_path}: field 'source' points at {folder}, which is not a folder")
+        raise ConfigError(f"{config_path}: field 'source': {folder} is not a folder")
     return folder, described
 
 
@@ -58,5 +60,5 @@ def data_path(data: DataFile, config_path: Path) -> Path:
     else:
         path = package_root(str(data.package), config_path, "eval.data.package") / str(data.file)
     if not path.is_file():
-        raise ConfigError(f"{config_path}: field 'eval.data' points at {path}, which is not a file")
+        raise ConfigError(f"{config_path}: field 'eval.data': {path} is not a file")
     return path

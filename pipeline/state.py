@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, ServiceConfig
 from pipeline.data import Dataset
+from serve.runtime import Pooling
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class BuildContext:
     model: ModelConfig
     config_path: Path
     service: ServiceConfig
+    service_path: Path
     work_dir: Path  # build/<model>: exports and candidates, cached by source hash
     artifacts_dir: Path  # artifacts/<model>: approved variants only
 
@@ -34,7 +36,7 @@ class SourceModel:
     folder: Path
     weights_sha256: str
     source: dict[str, Any]
-    pooling: str | None
+    pooling: Pooling | None
     normalize: bool
     labels: tuple[str, ...]
     is_sentence_transformer: bool

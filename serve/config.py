@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -31,7 +31,9 @@ def _describe(error: dict[str, Any], model_cls: type[BaseModel]) -> str:
         return f"unknown key; allowed keys: {', '.join(parent)}" if parent else "unknown key"
     if kind == "missing":
         return "is required"
-    return f"{error['msg']} (got {error.get('input')!r})"
+    message = str(error["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+    shown = error.get("input")
+    return message if isinstance(shown, dict) else f"{message} (got {shown!r})"
 
 
 def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -56,7 +58,7 @@ def format_validation_error(path: Path, error: ValidationError, model_cls: type[
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
     field = ".".join(loc) or "<top level>"
-    return f"{path}: field '{field}' {_describe(dict(first), model_cls)}"
+    return f"{path}: field '{field}': {_describe(dict(first), model_cls)}"
 
 
 def load_config(path: str | Path, model_cls: type[Model]) -> Model:
@@ -71,7 +73,7 @@ def load_config(path: str | Path, model_cls: type[Model]) -> Model:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: field '<top level>' must be a mapping of keys to values")
+        raise ConfigError(f"{path}: field '<top level>': must be a mapping of keys to values")
     try:
         return model_cls.model_validate(data, context={"config_dir": path.parent})
     except ValidationError as exc:
@@ -96,11 +98,13 @@ class ServiceConfig(StrictModel):
     limits: Limits = Limits()
     artifacts_dir: str = "../artifacts"
 
-    @model_validator(mode="after")
-    def _headroom_below_budget(self) -> ServiceConfig:
-        if self.headroom_mb >= self.budget_mb:
-            raise ValueError("headroom_mb must be smaller than budget_mb")
-        return self
+    @field_validator("headroom_mb")
+    @classmethod
+    def _headroom_below_budget(cls, value: float, info: ValidationInfo) -> float:
+        budget = info.data.get("budget_mb")
+        if budget is not None and value >= budget:
+            raise ValueError(f"must be smaller than budget_mb ({budget:g})")
+        return value
 
     @property
     def model_share_mb(self) -> float:
@@ -143,10 +147,25 @@ def apply_env_overrides(config: ServiceConfig, path: Path) -> ServiceConfig:
     try:
         return ServiceConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(Path(f"{path} (with env overrides)"), exc, ServiceConfig))
+        raise ConfigError(format_validation_error(Path(f"{path} (with env overrides)"), exc, ServiceConfig)) from None
 
 
 def resolve(base: Path, relative: str) -> Path:
     """A path from a config, relative to the config file's folder unless absolute."""
     candidate = Path(relative).expanduser()
     return candidate if candidate.is_absolute() else (base.parent / candidate)
+
+
+def model_names(config: ServiceConfig, path: Path) -> list[str]:
+    """The `name` of each model config the service lists (the service needs nothing else from them)."""
+    names = []
+    for index, entry in enumerate(config.models):
+        model_path = resolve(path, entry)
+        try:
+            data = yaml.safe_load(model_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: field 'models.{index}': cannot read {model_path} ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ConfigError(f"{model_path}: field 'name': is required")
+        names.append(data["name"])
+    return names

@@ -1,5 +1,5 @@
-"""Peak-memory probe: a fresh process that imports only the service runtime, loads model folders the
-way the service does and runs the worst-case input the service accepts.
+"""Peak-memory probe: a fresh process that imports only what a service worker imports, loads model
+folders the way the service does and runs the worst-case input the service accepts.
 
 Usage: python -m serve.probe SPEC_JSON  (prints one JSON line). The pipeline calls this for every
 candidate; it never measures inside its own process.
@@ -14,17 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from serve.memory import status_mb
+
 FORBIDDEN_MODULES = ("torch", "transformers", "optimum", "sklearn")
 WORST_CASE_WORD = "memory"
 CHILD_FLAG = "--measure"
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    """A memory figure of this process from /proc/self/status, in MB (MiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def worst_case_texts(batch: int, seq_len: int) -> list[str]:
@@ -33,10 +27,15 @@ def worst_case_texts(batch: int, seq_len: int) -> list[str]:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    before_imports = rss_mb()
-    from serve.runtime import ModelRuntime, SessionSettings  # imported here so its cost is measured
+    before_imports = status_mb()
+    # What a gunicorn worker holds: the master's gunicorn modules (inherited at fork) and the app.
+    import gunicorn.app.wsgiapp  # noqa: F401
+    import gunicorn.workers.sync  # noqa: F401
 
-    after_imports = rss_mb()
+    import serve.app  # noqa: F401
+    from serve.runtime import ModelRuntime, SessionSettings
+
+    after_imports = status_mb()
     runtimes = [
         ModelRuntime(
             Path(m["folder"]),
@@ -47,19 +46,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         )
         for m in spec["models"]
     ]
-    after_load = rss_mb()
+    after_load = status_mb()
     texts = worst_case_texts(spec["batch"], spec["seq_len"])
     peaks = []
     for _ in range(spec["repeats"]):
         for runtime in runtimes:
             runtime.embed(texts)
-        peaks.append(rss_mb("VmHWM"))
+        peaks.append(status_mb("VmHWM"))
     leaked = [name for name in FORBIDDEN_MODULES if name in sys.modules]
     return {
         "rss_start_mb": round(before_imports, 1),
         "rss_after_imports_mb": round(after_imports, 1),
         "rss_after_load_mb": round(after_load, 1),
-        "vmhwm_mb": round(rss_mb("VmHWM"), 1),
+        "vmhwm_mb": round(status_mb("VmHWM"), 1),
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "forbidden_modules_loaded": leaked,

@@ -44,7 +44,12 @@ class RuntimeSpec:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "pooling": self.pooling, "normalize": self.normalize, "labels": list(self.labels)}
+        return {
+            "task": self.task,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "labels": list(self.labels),
+        }
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ class StageError(Exception):
 
 
 class Stage(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState: ...
 

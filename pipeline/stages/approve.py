@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -46,8 +47,15 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def build_manifest(context: BuildContext, source: SourceModel, candidate: Candidate, evaluation: Evaluation,
-                   measurement: Measurement, files: dict[str, Any], gates: Gates) -> dict[str, Any]:
+def build_manifest(
+    context: BuildContext,
+    source: SourceModel,
+    candidate: Candidate,
+    evaluation: Evaluation,
+    measurement: Measurement,
+    files: dict[str, Any],
+    gates: Gates,
+) -> dict[str, Any]:
     limits = context.service.limits
     metrics: dict[str, Any] = {
         "peak_rss_mb": measurement.peak_rss_mb,
@@ -88,9 +96,8 @@ def build_manifest(context: BuildContext, source: SourceModel, candidate: Candid
     }
 
 
-def publish(context: BuildContext, manifest_for: Any, candidate: Candidate) -> Path:
+def publish(model_dir: Path, candidate: Candidate, manifest_for: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
     """Write the variant folder atomically, then point approved.json at it; returns the new folder."""
-    model_dir = context.artifacts_dir
     remove_leftovers(model_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     final = model_dir / f"{candidate.variant}-{stamp}"
@@ -109,8 +116,11 @@ def publish(context: BuildContext, manifest_for: Any, candidate: Candidate) -> P
 
 def prune(model_dir: Path, keep: Path) -> None:
     """Remove old variant folders, keeping the newest KEEP_VARIANTS (the approved one always)."""
-    variants = sorted((p for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).exists()),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
+    variants = sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).exists()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in variants[KEEP_VARIANTS:]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -127,18 +137,20 @@ class ApproveStage:
         evaluations: dict[str, Evaluation] = state.require("evaluations")
         measurements: dict[str, Measurement] = state.require("measurements")
         eligible = [c.variant for c in state.candidates if c.variant in context.model.candidates]
-        verdicts = select(eligible, evaluations, measurements, self.gates, context.service.model_share_mb,
-                          self.objective)
+        verdicts = select(
+            eligible, evaluations, measurements, self.gates, context.service.model_share_mb, self.objective
+        )
         chosen = next((v.variant for v in verdicts if v.chosen), None)
         if chosen is None:
             return replace(state, verdicts=verdicts)
         candidate = next(c for c in state.candidates if c.variant == chosen)
 
         def manifest_for(files: dict[str, Any]) -> dict[str, Any]:
-            return build_manifest(context, source, candidate, evaluations[chosen], measurements[chosen], files,
-                                  self.gates)
+            return build_manifest(
+                context, source, candidate, evaluations[chosen], measurements[chosen], files, self.gates
+            )
 
-        folder = publish(context, manifest_for, candidate)
+        folder = publish(context.artifacts_dir, candidate, manifest_for)
         try:
             load_approved(context.artifacts_dir)
         except ArtifactError as exc:  # pragma: no cover - would mean the write itself is broken

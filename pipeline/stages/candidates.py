@@ -20,9 +20,7 @@ def candidate_folder(exported: ExportedModel, name: str) -> Path:
     return exported.folder.parent / "candidates" / name
 
 
-def build_candidate(
-    context: BuildContext, source: SourceModel, exported: ExportedModel, spec: CandidatePass
-) -> Path:
+def build_candidate(context: BuildContext, source: SourceModel, exported: ExportedModel, spec: CandidatePass) -> Path:
     """The candidate's folder (model.onnx, tokenizer.json, runtime.json), built from its base if needed."""
     target = candidate_folder(exported, spec.name)
     if (target / SETTINGS_FILE).is_file() and read_json(target / SETTINGS_FILE) == spec.settings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,10 @@ def latency(runtime: ModelRuntime, texts: list[str]) -> dict[str, float]:
         started = time.perf_counter()
         runtime.embed([text])
         samples.append((time.perf_counter() - started) * 1000)
-    return {"p50": round(float(np.percentile(samples, 50)), 3), "p95": round(float(np.percentile(samples, 95)), 3)}
+    return {
+        "p50": round(float(np.percentile(samples, 50)), 3),
+        "p95": round(float(np.percentile(samples, 95)), 3),
+    }
 
 
 def cosine_to_reference(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -82,7 +86,9 @@ class EvaluateStage:
     def runtime(self, context: BuildContext, candidate: Candidate) -> ModelRuntime:
         limits = context.service.limits
         settings = SessionSettings(**context.model.session_options.model_dump())
-        return ModelRuntime(candidate.folder, settings, limits.max_seq_len, context.max_tokens_per_run, limits.max_batch)
+        return ModelRuntime(
+            candidate.folder, settings, limits.max_seq_len, context.max_tokens_per_run, limits.max_batch
+        )
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         dataset: Dataset = state.require("dataset")
@@ -145,20 +151,21 @@ class EvaluateStage:
         )
 
 
-def fit_probe(vectors: np.ndarray, labels: np.ndarray, seed: int):  # type: ignore[no-untyped-def]
+def fit_probe(vectors: np.ndarray, labels: np.ndarray, seed: int) -> Any:
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(max_iter=2000, random_state=seed).fit(vectors, labels)
 
 
-def class_predictions(probabilities: np.ndarray, model_labels: tuple[str, ...], dataset: Dataset,
-                      context: BuildContext) -> np.ndarray:
+def class_predictions(
+    probabilities: np.ndarray, model_labels: tuple[str, ...], dataset: Dataset, context: BuildContext
+) -> np.ndarray:
     """Map the model's predicted label names onto the dataset's label indices."""
     missing = [name for name in dataset.label_names if name not in model_labels]
     if missing:
         raise ConfigError(
-            f"{context.config_path}: field 'eval.labels' has {missing}, which the model's id2label "
-            f"({list(model_labels)}) does not know"
+            f"{context.config_path}: field 'eval.labels': {missing} not among the model's id2label labels "
+            f"{list(model_labels)}"
         )
     mapping = np.array([dataset.label_names.index(n) if n in dataset.label_names else -1 for n in model_labels])
     return mapping[probabilities.argmax(axis=1)]

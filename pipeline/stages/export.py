@@ -100,8 +100,10 @@ class ExportStage:
         fitting = [t for t, e in zip(pool, runtime.encode(pool), strict=True) if not e.overflowing]
         texts = fitting[: self.config.validation_examples]
         with step(f"{context.model.name}: validate ONNX against PyTorch on {len(texts)} real texts"):
-            validation = {"examples": float(len(texts)), "max_abs_diff": reference_outputs(source, context.model.task,
-                                                                                             runtime, texts)}
+            validation = {
+                "examples": float(len(texts)),
+                "max_abs_diff": reference_outputs(source, context.model.task, runtime, texts),
+            }
             if validation["max_abs_diff"] > self.config.atol:
                 raise StageError(
                     f"{context.model.name}: ONNX export differs from PyTorch by {validation['max_abs_diff']:.2e} "

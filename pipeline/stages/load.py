@@ -8,14 +8,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import FolderSource, PackageSource
+from pipeline.config import SourceConfig
 from pipeline.sources import model_folder
 from pipeline.state import BuildContext, BuildState, SourceModel
 from serve.artifacts import sha256_file
 from serve.config import ConfigError
+from serve.runtime import Pooling
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-POOLING_MODES = {
+POOLING_MODES: dict[str, Pooling] = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_max_tokens": "max",
@@ -57,12 +58,13 @@ def check_folder(folder: Path) -> list[Path]:
     return weights
 
 
-def sentence_transformer_head(folder: Path) -> tuple[bool, str | None, bool]:
+def sentence_transformer_head(folder: Path) -> tuple[bool, Pooling | None, bool]:
     """(is a sentence-transformers model, pooling mode, normalizes) from modules.json and 1_Pooling."""
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
         return False, None, False
-    pooling, normalize = None, False
+    pooling: Pooling | None = None
+    normalize = False
     for module in _read_json(modules_path):
         kind = str(module.get("type", ""))
         if kind.endswith("Pooling"):
@@ -80,7 +82,7 @@ def sentence_transformer_head(folder: Path) -> tuple[bool, str | None, bool]:
 
 @dataclass(frozen=True)
 class LoadStage:
-    source: FolderSource | PackageSource
+    source: SourceConfig
     name: str = "load"
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
@@ -103,8 +105,8 @@ class LoadStage:
         usable = max_positions - 2 if config.get("model_type") in {"roberta", "xlm-roberta", "mpnet"} else max_positions
         if limit > usable:
             raise ConfigError(
-                f"{context.config_path}: field 'limits.max_seq_len' is {limit}, but {folder.name} accepts at most "
-                f"{usable} tokens"
+                f"{context.service_path}: field 'limits.max_seq_len': {limit} is more than the {usable} tokens "
+                f"{context.model.name} accepts"
             )
         source = {**described, "weights_sha256": digest.hexdigest(), "weights": [p.name for p in weights]}
         return replace(

@@ -1,0 +1,230 @@
+"""Run the real service under gunicorn on 127.0.0.1 and measure it: RSS/PSS of master and worker
+sampled from /proc while a bounded request mix runs. Used by `memfit serve-bench` and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.measure import PROJECT_ROOT
+from serve.memory import rollup_mb, status_mb
+
+WORDS = (
+    "the film is a quiet and funny story about memory love loss family music city night road friends war "
+    "summer house water light dark old young great small never always again every little world"
+).split()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    seconds: float
+
+
+class GunicornService:
+    """`gunicorn -c serve/gunicorn.conf.py` on a free loopback port; stopped (SIGTERM) on exit."""
+
+    def __init__(self, service_config: Path, env: dict[str, str] | None = None, python: str = sys.executable,
+                 ready_timeout: float = 120.0):
+        self.port = free_port()
+        self.service_config = service_config
+        self.env = {**os.environ, "SERVICE_CONFIG": str(service_config), "WORKERS": "1", **(env or {})}
+        self.python = python
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"memfit-gunicorn-{self.port}.log"
+
+    def command(self) -> list[str]:
+        return [
+            self.python, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "serve" / "gunicorn.conf.py"),
+            "--bind", f"127.0.0.1:{self.port}", "serve.app:create_app()",
+        ]
+
+    def start(self) -> GunicornService:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited {self.process.returncode}: {self.log()[-2000:]}")
+            with contextlib.suppress(OSError):
+                if self.request("GET", "/api/ready").status == 200:
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"service not ready within {self.ready_timeout} s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> GunicornService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def master_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        return children(self.master_pid)
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                raw: bytes | None = None, timeout: float = 60.0) -> Response:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        sent_headers = {"Content-Type": "application/json", **(headers or {})}
+        started = time.perf_counter()
+        try:
+            connection.request(method, path, body=payload, headers=sent_headers)
+            reply = connection.getresponse()
+            data = reply.read()
+        finally:
+            connection.close()
+        seconds = time.perf_counter() - started
+        try:
+            parsed = json.loads(data) if data else None
+        except ValueError:
+            parsed = data.decode(errors="replace")
+        return Response(reply.status, parsed, seconds)
+
+
+@dataclass
+class MemorySampler:
+    """Samples RSS and PSS of the master and its workers every `interval` seconds in a thread."""
+
+    master_pid: int
+    interval: float = 0.01
+    samples: list[dict[str, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def sample(self) -> dict[str, float]:
+        master = rollup_mb(self.master_pid)
+        workers = [rollup_mb(pid) for pid in children(self.master_pid)]
+        return {
+            "master_rss": master["rss"],
+            "master_pss": master["pss"],
+            "worker_rss": sum(w["rss"] for w in workers),
+            "worker_pss": sum(w["pss"] for w in workers),
+            "total_rss": master["rss"] + sum(w["rss"] for w in workers),
+            "total_pss": master["pss"] + sum(w["pss"] for w in workers),
+        }
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, KeyError):
+                self.samples.append(self.sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def peak(self) -> dict[str, float]:
+        return {key: round(max(s[key] for s in self.samples), 1) for key in self.samples[0]}
+
+
+def request_mix(count: int, max_batch: int, max_seq_len: int, seed: int = 0) -> list[list[str]]:
+    """`count` requests of 1..max_batch texts, 1..max_seq_len-2 words (one token each for these words);
+    every 10th request is the worst case the service accepts: max_batch texts of max_seq_len tokens."""
+    rng = random.Random(seed)
+    requests = []
+    for index in range(count):
+        if index % 10 == 0:
+            requests.append([" ".join(rng.choice(WORDS) for _ in range(max_seq_len - 2))] * max_batch)
+            continue
+        batch = rng.randint(1, max_batch)
+        requests.append([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len - 2)))
+                         for _ in range(batch)])
+    return requests
+
+
+def run_mix(service: GunicornService, path: str, requests: list[list[str]], model: str | None = None
+            ) -> dict[str, Any]:
+    """Send `requests` one after another; latency percentiles, throughput and any non-200 answers."""
+    latencies, failures = [], []
+    started = time.perf_counter()
+    for inputs in requests:
+        body: dict[str, Any] = {"inputs": inputs} | ({"model": model} if model else {})
+        reply = service.request("POST", path, body)
+        latencies.append(reply.seconds * 1000)
+        if reply.status != 200:
+            failures.append((reply.status, reply.body))
+    elapsed = time.perf_counter() - started
+    return {
+        "requests": len(requests),
+        "failures": failures,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "p95_ms": round(float(np.percentile(latencies, 95)), 2),
+        "requests_per_s": round(len(requests) / elapsed, 2),
+    }
+
+
+def serve_bench(service_config: Path, requests: int = 500, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Idle and peak RSS/PSS of master + worker, latency and throughput under the request mix."""
+    from serve.config import load_service_config
+
+    config, _ = load_service_config(service_config)
+    with GunicornService(service_config, env=env) as service:
+        time.sleep(0.5)
+        idle = MemorySampler(service.master_pid).sample()
+        mix = request_mix(requests, config.limits.max_batch, config.limits.max_seq_len)
+        with MemorySampler(service.master_pid) as sampler:
+            load = run_mix(service, "/api/embed", mix)
+        worker = service.worker_pids()[0]
+        worker_hwm = status_mb("VmHWM", worker)
+    return {
+        "idle": {key: round(value, 1) for key, value in idle.items()},
+        "peak": sampler.peak(),
+        "worker_vmhwm_mb": round(worker_hwm, 1),
+        "samples": len(sampler.samples),
+        **load,
+    }

@@ -1,0 +1,60 @@
+"""Worker planner: will `master + workers × worker peak` fit the budget? Refuse instead of an OOM kill."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from serve.artifacts import ArtifactError, load_approved
+from serve.config import load_service_config, model_names, resolve
+from serve.memory import status_mb
+
+MASTER_IMPORTS = "import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner"
+
+
+def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
+    """Peak of one worker hosting several models: the import floor once, plus each model's own share above
+    it (peak − floor), each measured alone in a fresh process at its worst-case input."""
+    floor = max(f for _, f in peaks)
+    return floor + sum(peak - f for peak, f in peaks)
+
+
+def idle_master_mb() -> float:
+    """RSS of a fresh interpreter that imports what the gunicorn master imports."""
+    code = f"{MASTER_IMPORTS}; from serve.memory import status_mb; print(status_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]:
+    config, path = load_service_config(service_path)
+    artifacts = resolve(path, config.artifacts_dir)
+    peaks = []
+    for name in model_names(config, path):
+        try:
+            metrics = load_approved(artifacts / name, verify=False).manifest["metrics"]
+        except ArtifactError as exc:
+            return False, f"memfit plan: {name} has no approved artifact ({exc}); run `make optimize`"
+        peaks.append((float(metrics["peak_rss_mb"]), float(metrics["rss_after_imports_mb"])))
+    worker = worker_peak_mb(peaks)
+    budget = config.budget_mb
+    fits_at_most = max(0, int((budget - master_mb) // worker))
+    needed = master_mb + workers * worker
+    arithmetic = f"master {master_mb:,.0f} + {workers} × worker {worker:,.0f} MB"
+    if needed <= budget:
+        return True, f"WORKERS={workers} needs ~{needed:,.0f} MB ({arithmetic}); fits budget {budget:,.0f} MB"
+    most = f"fits at most {fits_at_most} worker{'s' if fits_at_most != 1 else ''}"
+    return False, f"WORKERS={workers} needs ~{needed:,.0f} MB ({arithmetic}); budget {budget:,.0f} MB {most}"
+
+
+def plan_from_config(service_path: Path, workers: int | None = None) -> tuple[bool, str]:
+    """`memfit plan`: the same arithmetic as the master's start-up check, with a measured idle master."""
+    count = workers if workers is not None else int(os.environ.get("WORKERS", "1"))
+    return plan(service_path, count, idle_master_mb())
+
+
+def check_at_master_start(service_path: Path, workers: int) -> tuple[bool, str]:
+    """Inside the gunicorn master: its own RSS is the master figure."""
+    return plan(service_path, workers, status_mb())

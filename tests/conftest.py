@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, model_config, tiny_model, write_service
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    root: Path
+    service: Path
+    artifacts: Path
+
+
+@dataclass(frozen=True)
+class MinilmRun:
+    artifacts: Path
+    env: dict[str, str]  # ARTIFACTS_DIR pointing the shipped configs at this run's artifacts
+
+
+@pytest.fixture(scope="session")
+def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> MinilmRun:
+    """`memfit optimize` on the shipped MiniLM config, once per test session, into a temp folder."""
+    root = tmp_path_factory.mktemp("minilm")
+    env = {**os.environ, "ARTIFACTS_DIR": str(root / "artifacts")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "optimize", "--build-dir", str(root / "build")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    print((root / "artifacts" / "report.md").read_text())
+    return MinilmRun(root / "artifacts", env)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The whole pipeline once on two tiny random-weight models (embedding + classifier)."""
+    from pipeline.run import optimize
+
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_model(root / "models" / "tiny-embed", "feature-extraction")
+    tiny_model(root / "models" / "tiny-clf", "text-classification")
+    service = write_service(
+        root,
+        [
+            model_config("tiny-embed", "feature-extraction", {"path": "../../models/tiny-embed"}),
+            model_config("tiny-clf", "text-classification", {"path": "../../models/tiny-clf"}),
+        ],
+    )
+    optimize(service)
+    return TinyRun(root, service, root / "artifacts")

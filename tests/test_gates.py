@@ -1,0 +1,79 @@
+"""Selection: every gate rejects on its own, and the objective picks among candidates that pass."""
+
+from __future__ import annotations
+
+from pipeline.config import Gates
+from pipeline.gates import select
+from pipeline.state import Evaluation, Measurement
+
+
+def evaluation(delta: float = 0.0, cosine: float = 1.0, overlap: float = 1.0, p50: float = 5.0) -> Evaluation:
+    return Evaluation(
+        accuracy={"metric": "probe_accuracy", "reference": 0.8, "value": 0.8 + delta / 100, "delta": delta},
+        cosine={"mean": cosine, "min": cosine},
+        neighbours={"overlap_at_10": overlap},
+        agreement=None,
+        latency_ms={"p50": p50, "p95": p50 * 2},
+        throughput=100.0,
+    )
+
+
+def measurement(peak: float) -> Measurement:
+    return Measurement(peak, peak, 50.0, 80.0, 32, 128)
+
+
+def test_each_gate_rejects_with_its_reason() -> None:
+    evaluations = {
+        "ok": evaluation(),
+        "drop": evaluation(delta=-1.5),
+        "cos": evaluation(cosine=0.95),
+        "overlap": evaluation(overlap=0.5),
+        "fat": evaluation(),
+    }
+    measurements = {name: measurement(200) for name in evaluations} | {"fat": measurement(500)}
+    verdicts = {
+        v.variant: v for v in select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_peak_rss")
+    }
+    assert verdicts["ok"].chosen and verdicts["ok"].passed
+    assert verdicts["drop"].failures == ("probe_accuracy drop 1.50 pt > 1.0 pt",)
+    assert verdicts["cos"].failures == ("mean cosine 0.9500 < 0.99",)
+    assert verdicts["overlap"].failures == ("overlap@10 0.500 < 0.8",)
+    assert verdicts["fat"].failures == ("peak RSS 500 MB > share 464 MB at 32x128 tokens",)
+
+
+def test_objective_picks_lowest_rss_or_latency() -> None:
+    evaluations = {"small-slow": evaluation(p50=9.0), "big-fast": evaluation(p50=2.0)}
+    measurements = {"small-slow": measurement(150), "big-fast": measurement(300)}
+    by_rss = select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_peak_rss")
+    by_latency = select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_latency")
+    assert [v.variant for v in by_rss if v.chosen] == ["small-slow"]
+    assert [v.variant for v in by_latency if v.chosen] == ["big-fast"]
+
+
+def test_figures_within_noise_are_decided_by_the_other_objective() -> None:
+    evaluations = {"slower": evaluation(p50=3.1), "faster": evaluation(p50=2.0)}
+    measurements = {"slower": measurement(244.2), "faster": measurement(245.2)}
+    verdicts = select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_peak_rss")
+    assert [v.variant for v in verdicts if v.chosen] == ["faster"]
+
+
+def test_nothing_chosen_when_nothing_passes() -> None:
+    evaluations = {"a": evaluation(cosine=0.5)}
+    verdicts = select(["a"], evaluations, {"a": measurement(100)}, Gates(), 464, "lowest_peak_rss")
+    assert not any(v.chosen for v in verdicts)
+    assert verdicts[0].failures
+
+
+def test_classification_agreement_gate() -> None:
+    evaluations = {
+        "a": Evaluation(
+            accuracy={"metric": "accuracy", "reference": 0.8, "value": 0.8, "delta": 0.0},
+            cosine=None,
+            neighbours=None,
+            agreement=0.95,
+            latency_ms={"p50": 1.0, "p95": 2.0},
+            throughput=1.0,
+        )
+    }
+    verdicts = select(["a"], evaluations, {"a": measurement(100)}, Gates(), 464, "lowest_peak_rss")
+    assert verdicts[0].failures == ("agreement with fp32 0.9500 < 0.99",)

@@ -1,0 +1,122 @@
+"""Plumbing of the whole pipeline on tiny random-weight models: both tasks, reports, fail-closed gates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from serve.artifacts import APPROVED_FILE, load_approved
+from tests.conftest import TinyRun
+from tests.helpers import REPO
+
+MANIFEST_KEYS = {
+    "model",
+    "task",
+    "source",
+    "variant",
+    "files",
+    "session_options",
+    "limits",
+    "budget_mb",
+    "metrics",
+    "gates",
+    "versions",
+    "created_at",
+}
+
+
+def memfit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO, check=False
+    )
+
+
+def test_both_tasks_are_approved_with_complete_manifests(tiny_run: TinyRun) -> None:
+    embed = load_approved(tiny_run.artifacts / "tiny-embed").manifest
+    clf = load_approved(tiny_run.artifacts / "tiny-clf").manifest
+    for manifest in (embed, clf):
+        assert set(manifest) >= MANIFEST_KEYS
+        assert manifest["limits"] == {"max_batch": 8, "max_seq_len": 64, "max_tokens_per_run": 512}
+        assert manifest["metrics"]["peak_rss_mb"] > manifest["metrics"]["rss_after_imports_mb"] > 0
+        assert manifest["metrics"]["accuracy"]["n_test"] == 300
+        assert {"python", "onnx", "onnxruntime", "torch", "transformers", "optimum-onnx"} <= set(manifest["versions"])
+        assert len(manifest["source"]["weights_sha256"]) == 64
+    assert set(embed["metrics"]["cosine"]) == {"mean", "min"}
+    assert "overlap_at_10" in embed["metrics"]["neighbours"]
+    assert embed["runtime"] == {"task": "feature-extraction", "pooling": "mean", "normalize": True, "labels": []}
+    assert 0 <= clf["metrics"]["agreement"] <= 1
+    assert clf["runtime"]["labels"] == ["rotten", "fresh"]
+
+
+def test_export_was_validated_against_pytorch_and_sentence_transformers(tiny_run: TinyRun) -> None:
+    report = json.loads((tiny_run.artifacts / "report.json").read_text())
+    validation = {m["model"]: m["export_validation"] for m in report["models"]}
+    assert validation["tiny-embed"]["max_abs_diff"] <= 1e-4
+    assert validation["tiny-embed"]["min_cosine_vs_sentence_transformers"] >= 0.9999
+    assert validation["tiny-clf"]["max_abs_diff"] <= 1e-4
+
+
+def test_report_lists_every_candidate_with_a_verdict(tiny_run: TinyRun) -> None:
+    report = json.loads((tiny_run.artifacts / "report.json").read_text())
+    for model in report["models"]:
+        variants = [row["variant"] for row in model["candidates"]]
+        assert variants == [
+            "fp32",
+            "fp32-optimized",
+            "int8-qint8-per-channel",
+            "int8-qint8-per-tensor",
+            "int8-quint8-per-channel",
+        ]
+        assert sum(row["verdict"] == "approved" for row in model["candidates"]) == 1
+    markdown = (tiny_run.artifacts / "report.md").read_text()
+    assert "| variant | file MB | peak RSS MB |" in markdown
+    assert (tiny_run.artifacts / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verify_command(tiny_run: TinyRun, tmp_path: Path) -> None:
+    done = memfit("verify", "--service", str(tiny_run.service))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify tiny-embed: ok" in done.stdout
+    # A damaged copy fails verification with a non-zero exit.
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_run.root / "configs", root / "configs")
+    shutil.copytree(tiny_run.artifacts, root / "artifacts")
+    shutil.copytree(tiny_run.root / "models", root / "models")
+    model = load_approved(root / "artifacts" / "tiny-clf").folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    done = memfit("verify", "--service", str(root / "configs" / "service.yaml"))
+    assert done.returncode == 1
+    assert "verify tiny-clf: FAILED" in done.stdout and "model.onnx" in done.stdout
+
+
+def test_no_passing_candidate_exits_1_and_keeps_previous_approval(tiny_run: TinyRun, tmp_path: Path) -> None:
+    root = tmp_path / "strict"
+    shutil.copytree(tiny_run.root / "configs", root / "configs")
+    shutil.copytree(tiny_run.root / "models", root / "models")
+    shutil.copytree(tiny_run.artifacts, root / "artifacts")
+    config_path = root / "configs" / "models" / "tiny-embed.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["gates"]["min_mean_cosine"] = 1.0  # int8 can never be exactly fp32
+    config["candidates"] = ["int8-qint8-per-channel", "int8-qint8-per-tensor"]
+    config_path.write_text(yaml.safe_dump(config))
+    before = (root / "artifacts" / "tiny-embed" / APPROVED_FILE).read_bytes()
+    done = memfit(
+        "optimize",
+        "--service",
+        str(root / "configs" / "service.yaml"),
+        "--model",
+        "tiny-embed",
+        "--build-dir",
+        str(tiny_run.root / "build"),
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()
+    assert any(line.startswith("memfit: error: no candidate of tiny-embed passes every gate") for line in last)
+    assert any(line.startswith("  tiny-embed/int8-qint8-per-channel: mean cosine") for line in last)
+    assert (root / "artifacts" / "tiny-embed" / APPROVED_FILE).read_bytes() == before
+    load_approved(root / "artifacts" / "tiny-embed")

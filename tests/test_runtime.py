@@ -1,0 +1,53 @@
+"""The runtime shared by the pipeline and the service: bounded micro-batches, pooling, length limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.runtime import InputTooLong, ModelRuntime, SessionSettings, pool
+from tests.conftest import TinyRun
+
+
+def test_micro_batches_respect_the_token_budget() -> None:
+    runtime = ModelRuntime.__new__(ModelRuntime)
+    runtime.max_tokens_per_run, runtime.max_batch = 256, 8
+    lengths = [5, 128, 64, 7, 100, 3, 128, 20, 20, 20, 20, 20, 20, 20, 20]
+    groups = list(runtime.micro_batches(lengths))
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) * max(lengths[i] for i in group) <= 256
+        assert len(group) <= 8
+
+
+def test_pooling_modes_ignore_padding() -> None:
+    hidden = np.array([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = np.array([[1, 1, 0]])
+    np.testing.assert_allclose(pool(hidden, mask, "mean"), [[2.0, 3.0]])
+    np.testing.assert_allclose(pool(hidden, mask, "cls"), [[1.0, 2.0]])
+    np.testing.assert_allclose(pool(hidden, mask, "max"), [[3.0, 4.0]])
+    np.testing.assert_allclose(pool(hidden, mask, "mean_sqrt_len"), [[4.0 / np.sqrt(2), 6.0 / np.sqrt(2)]])
+
+
+def test_outputs_do_not_depend_on_batch_company(tiny_run: TinyRun) -> None:
+    from serve.artifacts import load_approved
+
+    folder = load_approved(tiny_run.artifacts / "tiny-embed").folder
+    runtime = ModelRuntime(folder, SessionSettings(), max_seq_len=64, max_tokens_per_run=256, max_batch=8)
+    texts = ["short", "a somewhat longer sentence about a film that was fine", "ok"] * 5
+    together = runtime.embed(texts)
+    alone = np.stack([runtime.embed([t])[0] for t in texts])
+    # Dynamic int8 picks activation scales per run, so company moves results slightly, never more.
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_too_long_input_is_reported_not_truncated(tiny_run: TinyRun) -> None:
+    from serve.artifacts import load_approved
+
+    folder = load_approved(tiny_run.artifacts / "tiny-embed").folder
+    runtime = ModelRuntime(folder, SessionSettings(), max_seq_len=16, max_tokens_per_run=64)
+    with pytest.raises(InputTooLong) as caught:
+        runtime.encode(["fine", "word " * 40], truncate=False)
+    assert caught.value.index == 1 and caught.value.tokens > 16
+    assert len(runtime.encode(["word " * 40])[0].ids) == 16

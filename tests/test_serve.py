@@ -1,0 +1,194 @@
+"""The service under real gunicorn (1 worker, 127.0.0.1) on the tiny approved artifacts: endpoints,
+limits and errors, planner, API key, and that serve/ never imports the build stack."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from pipeline.servebench import GunicornService
+from serve.artifacts import load_approved
+from serve.runtime import ModelRuntime, SessionSettings
+from tests.conftest import TinyRun
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def service(tiny_run: TinyRun) -> Iterator[GunicornService]:
+    with GunicornService(tiny_run.service) as running:
+        yield running
+
+
+def worker_answers_ok(service: GunicornService, pid: int) -> None:
+    reply = service.request("GET", "/api/health")
+    assert reply.status == 200 and reply.body["pid"] == pid
+
+
+def test_health_ready_models_openapi(service: GunicornService) -> None:
+    health = service.request("GET", "/api/health").body
+    assert health["status"] == "ok" and set(health["models"]) == {"tiny-embed", "tiny-clf"}
+    assert health["rss_mb"] > 0
+    assert service.request("GET", "/api/ready").body == {"ready": True, "models": ["tiny-clf", "tiny-embed"]}
+    models = service.request("GET", "/api/models").body["models"]
+    assert {m["name"]: m["task"] for m in models} == {
+        "tiny-embed": "feature-extraction",
+        "tiny-clf": "text-classification",
+    }
+    assert all("peak_rss_mb" in m["metrics"] for m in models)
+    spec = service.request("GET", "/openapi.json").body
+    assert spec["openapi"].startswith("3.") and {"/api/embed", "/api/classify", "/api/ready"} <= set(spec["paths"])
+
+
+def test_embeddings_match_the_evaluated_artifact(service: GunicornService, tiny_run: TinyRun) -> None:
+    texts = ["a quiet, funny film", "the worst sequel of the year", "fine"]
+    reply = service.request("POST", "/api/embed", {"inputs": texts})
+    assert reply.status == 200 and reply.body["model"] == "tiny-embed"
+    served = np.array(reply.body["embeddings"])
+    artifact = load_approved(tiny_run.artifacts / "tiny-embed")
+    runtime = ModelRuntime(artifact.folder, SessionSettings.from_json(artifact.manifest["session_options"]), 64, 512)
+    expected = runtime.embed(texts)
+    cosine = (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() >= 0.9999
+
+
+def test_classify_returns_label_and_scores(service: GunicornService) -> None:
+    reply = service.request("POST", "/api/classify", {"inputs": ["great", "awful"], "model": "tiny-clf"})
+    assert reply.status == 200
+    for result in reply.body["results"]:
+        assert result["label"] in ("rotten", "fresh")
+        assert abs(sum(result["scores"].values()) - 1) < 1e-5
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"inputs": [', 400, "bad_request"),
+    ("invalid UTF-8", b'{"inputs": ["\xff\xfe"]}', 400, "bad_request"),
+    ("not an object", b'["a"]', 400, "bad_request"),
+    ("empty list", b'{"inputs": []}', 400, "bad_request"),
+    ("deeply nested", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "bad_request"),
+    ("non-string item", b'{"inputs": ["ok", 3]}', 422, "unprocessable"),
+    ("empty string", b'{"inputs": [""]}', 422, "unprocessable"),
+    ("too many inputs", json.dumps({"inputs": ["x"] * 9}).encode(), 422, "unprocessable"),
+    ("10k empty strings", json.dumps({"inputs": [""] * 10_000}).encode(), 422, "unprocessable"),
+    ("too long", json.dumps({"inputs": ["word " * 200]}).encode(), 422, "unprocessable"),
+    ("unknown model", b'{"inputs": ["x"], "model": "nope"}', 404, "not_found"),
+    ("wrong task", b'{"inputs": ["x"], "model": "tiny-clf"}', 422, "unprocessable"),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_json_errors_and_the_worker_survives(
+    service: GunicornService, raw: bytes, status: int, code: str
+) -> None:
+    pid = service.worker_pids()[0]
+    reply = service.request("POST", "/api/embed", raw=raw)
+    assert reply.status == status, reply.body
+    assert reply.body["error"]["code"] == code and reply.body["error"]["message"]
+    worker_answers_ok(service, pid)
+
+
+def test_limits_are_named(service: GunicornService) -> None:
+    reply = service.request("POST", "/api/embed", {"inputs": ["x"] * 9})
+    assert reply.body["error"]["message"] == "9 inputs exceed max_batch (8)"
+    reply = service.request("POST", "/api/embed", {"inputs": ["fine", "word " * 200]})
+    assert reply.body["error"]["message"].startswith("inputs[1] has more than max_seq_len (64) tokens")
+
+
+def raw_status(port: int, head: bytes, chunks: list[bytes]) -> int:
+    """Send a request over a plain socket, tolerating the server closing early; return the status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.sendall(head)
+            for chunk in chunks:
+                connection.sendall(chunk)
+        answer = connection.recv(65536)
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_oversized_body_is_413_with_and_without_content_length(service: GunicornService) -> None:
+    pid = service.worker_pids()[0]
+    before = service.request("GET", "/api/health").body["rss_mb"]
+    big = b'{"inputs": ["' + b"a" * 4_000_000 + b'"]}'
+    sized = f"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n".encode()
+    assert raw_status(service.port, sized, [big]) == 413
+    head = (
+        b"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    pieces = [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    chunks = [f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces] + [b"0\r\n\r\n"]
+    assert raw_status(service.port, head, chunks) == 413
+    worker_answers_ok(service, pid)
+    after = service.request("GET", "/api/health").body["rss_mb"]
+    assert after - before < 8, f"RSS grew from {before} to {after} MB after refused bodies"
+
+
+def test_unknown_route_and_method(service: GunicornService) -> None:
+    assert service.request("GET", "/nope").status == 404
+    assert service.request("GET", "/api/embed").status == 405
+
+
+def test_api_key_protects_everything_but_health_and_ready(tiny_run: TinyRun) -> None:
+    with GunicornService(tiny_run.service, env={"API_KEY": "s3cret"}) as keyed:
+        for method, path, body in [
+            ("GET", "/api/models", None),
+            ("POST", "/api/embed", {"inputs": ["x"]}),
+            ("POST", "/api/classify", {"inputs": ["x"]}),
+        ]:
+            assert keyed.request(method, path, body).status == 401
+            assert keyed.request(method, path, body, headers={"Authorization": "Bearer wrong"}).status == 401
+            assert keyed.request(method, path, body, headers={"Authorization": "Bearer s3cret"}).status == 200
+        assert keyed.request("GET", "/api/health").status == 200
+        assert keyed.request("GET", "/api/ready").status == 200
+
+
+def test_planner_refuses_workers_that_do_not_fit(tiny_run: TinyRun) -> None:
+    env = {"MEMORY_BUDGET_MB": "300", "WORKERS": "4"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "serve/gunicorn.conf.py",
+            "--bind",
+            "127.0.0.1:0",
+            "serve.app:create_app()",
+        ],
+        cwd=REPO,
+        env={**os.environ, "SERVICE_CONFIG": str(tiny_run.service), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    line = next(line for line in done.stderr.splitlines() if line.startswith("WORKERS=4"))
+    assert "budget 300 MB fits at most" in line
+    plan = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "plan", "--service", str(tiny_run.service), "--workers", "4"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert plan.returncode == 1 and plan.stdout.startswith("WORKERS=4 needs ~")
+
+
+def test_serve_never_imports_the_build_stack(tiny_run: TinyRun) -> None:
+    code = (
+        "import sys; from serve.app import create_app; app = create_app(sys.argv[1]); "
+        "assert not app.failures, app.failures; "
+        "print([m for m in ('torch', 'transformers', 'optimum', 'sklearn', 'onnx') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_run.service)], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
