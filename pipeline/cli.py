@@ -75,12 +75,18 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     result = serve_bench(Path(args.service), requests=args.requests)
     idle, peak = result["idle"], result["peak"]
     print(f"memfit serve-bench: {result['requests']} mixed requests, 1 gunicorn worker, {result['samples']} samples")
-    print(f"  idle  RSS master {idle['master_rss']:.1f} + worker {idle['worker_rss']:.1f} = {idle['total_rss']:.1f} MB;"
-          f" PSS {idle['total_pss']:.1f} MB")
-    print(f"  peak  RSS master {peak['master_rss']:.1f} + worker {peak['worker_rss']:.1f} = {peak['total_rss']:.1f} MB;"
-          f" PSS {peak['total_pss']:.1f} MB; worker VmHWM {result['worker_vmhwm_mb']:.1f} MB")
-    print(f"  latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms; {result['requests_per_s']:.1f} req/s;"
-          f" {len(result['failures'])} failed")
+    print(
+        f"  idle  RSS master {idle['master_rss']:.1f} + worker {idle['worker_rss']:.1f} = {idle['total_rss']:.1f} MB;"
+        f" PSS {idle['total_pss']:.1f} MB"
+    )
+    print(
+        f"  peak  RSS master {peak['master_rss']:.1f} + worker {peak['worker_rss']:.1f} = {peak['total_rss']:.1f} MB;"
+        f" PSS {peak['total_pss']:.1f} MB; worker VmHWM {result['worker_vmhwm_mb']:.1f} MB"
+    )
+    print(
+        f"  latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms; {result['requests_per_s']:.1f} req/s;"
+        f" {len(result['failures'])} failed"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 1 if result["failures"] else 0

@@ -53,8 +53,13 @@ class Response:
 class GunicornService:
     """`gunicorn -c serve/gunicorn.conf.py` on a free loopback port; stopped (SIGTERM) on exit."""
 
-    def __init__(self, service_config: Path, env: dict[str, str] | None = None, python: str = sys.executable,
-                 ready_timeout: float = 120.0):
+    def __init__(
+        self,
+        service_config: Path,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+        ready_timeout: float = 120.0,
+    ):
         self.port = free_port()
         self.service_config = service_config
         self.env = {**os.environ, "SERVICE_CONFIG": str(service_config), "WORKERS": "1", **(env or {})}
@@ -65,8 +70,14 @@ class GunicornService:
 
     def command(self) -> list[str]:
         return [
-            self.python, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "serve" / "gunicorn.conf.py"),
-            "--bind", f"127.0.0.1:{self.port}", "serve.app:create_app()",
+            self.python,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(PROJECT_ROOT / "serve" / "gunicorn.conf.py"),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "serve.app:create_app()",
         ]
 
     def start(self) -> GunicornService:
@@ -110,8 +121,15 @@ class GunicornService:
     def worker_pids(self) -> list[int]:
         return children(self.master_pid)
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                raw: bytes | None = None, timeout: float = 60.0) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> Response:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         sent_headers = {"Content-Type": "application/json", **(headers or {})}
@@ -182,13 +200,13 @@ def request_mix(count: int, max_batch: int, max_seq_len: int, seed: int = 0) -> 
             requests.append([" ".join(rng.choice(WORDS) for _ in range(max_seq_len - 2))] * max_batch)
             continue
         batch = rng.randint(1, max_batch)
-        requests.append([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len - 2)))
-                         for _ in range(batch)])
+        requests.append(
+            [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len - 2))) for _ in range(batch)]
+        )
     return requests
 
 
-def run_mix(service: GunicornService, path: str, requests: list[list[str]], model: str | None = None
-            ) -> dict[str, Any]:
+def run_mix(service: GunicornService, path: str, requests: list[list[str]], model: str | None = None) -> dict[str, Any]:
     """Send `requests` one after another; latency percentiles, throughput and any non-200 answers."""
     latencies, failures = [], []
     started = time.perf_counter()

@@ -29,7 +29,7 @@ def worst_case_texts(batch: int, seq_len: int) -> list[str]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     before_imports = status_mb()
     # What a gunicorn worker holds: the master's gunicorn modules (inherited at fork) and the app.
-    import gunicorn.app.wsgiapp  # noqa: F401
+    import gunicorn.app.wsgiapp
     import gunicorn.workers.sync  # noqa: F401
 
     import serve.app  # noqa: F401
