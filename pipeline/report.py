@@ -99,22 +99,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for model in report["models"]:
-        rows = model["candidates"]
-        xs = [r["peak_rss_mb"] for r in rows]
-        ys = [r["value"] for r in rows]
-        points = axes.scatter(xs, ys, label=model["model"])
-        for row, x, y in zip(rows, xs, ys, strict=True):
-            marker = " ✓" if row["verdict"] == "approved" else ""
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    markers = {"approved": "*", "rejected": "x", "passed": "o", "reference": "s"}
+    placed: list[tuple[float, float]] = []
+    for index, model in enumerate(report["models"]):
+        colour = f"C{index}"
+        for row in model["candidates"]:
+            x, y = row["peak_rss_mb"], row["value"]
+            axes.scatter(
+                [x], [y], color=colour, marker=markers[row["verdict"]], s=120 if row["verdict"] == "approved" else 40
+            )
+            # Stack labels of points that sit on top of each other instead of overprinting them.
+            crowd = sum(1 for px, py in placed if abs(px - x) < 15 and abs(py - y) < 0.004)
+            placed.append((x, y))
             axes.annotate(
-                row["variant"] + marker,
+                f"{model['model']}/{row['variant']}",
                 (x, y),
                 fontsize=7,
-                xytext=(4, 3),
+                color=colour,
+                xytext=(6, 4 - 10 * crowd),
                 textcoords="offset points",
-                color=points.get_facecolor()[0],
             )
+    for verdict, marker in markers.items():
+        axes.scatter([], [], color="grey", marker=marker, label=verdict)
     service = report["service"]
     axes.axvline(service["budget_mb"], color="red", linestyle="--", label=f"budget {service['budget_mb']:.0f} MB")
     axes.axvline(service["share_mb"], color="orange", linestyle=":", label=f"share {service['share_mb']:.0f} MB")

@@ -59,7 +59,9 @@ class GunicornService:
         env: dict[str, str] | None = None,
         python: str = sys.executable,
         ready_timeout: float = 120.0,
+        app: str = "serve.app:create_app()",
     ):
+        self.app = app
         self.port = free_port()
         self.service_config = service_config
         self.env = {**os.environ, "SERVICE_CONFIG": str(service_config), "WORKERS": "1", **(env or {})}
@@ -77,20 +79,28 @@ class GunicornService:
             str(PROJECT_ROOT / "serve" / "gunicorn.conf.py"),
             "--bind",
             f"127.0.0.1:{self.port}",
-            "serve.app:create_app()",
+            self.app,
         ]
 
-    def start(self) -> GunicornService:
+    def start(self, wait_ready: bool = True) -> GunicornService:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
+        self.wait_until(200 if wait_ready else None)
+        return self
+
+    def wait_until(self, ready_status: int | None) -> float:
+        """Seconds until /api/ready answers `ready_status` (any answer when None)."""
+        assert self.process is not None
+        started = time.monotonic()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited {self.process.returncode}: {self.log()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if self.request("GET", "/api/ready").status == 200:
-                    return self
-            time.sleep(0.1)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                status = self.request("GET", "/api/ready").status
+                if ready_status is None or status == ready_status:
+                    return time.monotonic() - started
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"service not ready within {self.ready_timeout} s: {self.log()[-2000:]}")
 
@@ -190,13 +200,13 @@ class MemorySampler:
         return {key: round(max(s[key] for s in self.samples), 1) for key in self.samples[0]}
 
 
-def request_mix(count: int, max_batch: int, max_seq_len: int, seed: int = 0) -> list[list[str]]:
+def request_mix(count: int, max_batch: int, max_seq_len: int, seed: int = 0, worst_every: int = 10) -> list[list[str]]:
     """`count` requests of 1..max_batch texts, 1..max_seq_len-2 words (one token each for these words);
-    every 10th request is the worst case the service accepts: max_batch texts of max_seq_len tokens."""
+    every `worst_every`-th request is the worst case the service accepts: max_batch × max_seq_len tokens."""
     rng = random.Random(seed)
     requests = []
     for index in range(count):
-        if index % 10 == 0:
+        if index % worst_every == 0:
             requests.append([" ".join(rng.choice(WORDS) for _ in range(max_seq_len - 2))] * max_batch)
             continue
         batch = rng.randint(1, max_batch)
@@ -223,6 +233,33 @@ def run_mix(service: GunicornService, path: str, requests: list[list[str]], mode
         "p50_ms": round(float(np.percentile(latencies, 50)), 2),
         "p95_ms": round(float(np.percentile(latencies, 95)), 2),
         "requests_per_s": round(len(requests) / elapsed, 2),
+    }
+
+
+def soak(service: GunicornService, path: str, requests: list[list[str]], every: int = 100) -> dict[str, Any]:
+    """Run `requests` against one worker, sampling its RSS every `every` requests: status counts, peak,
+    and the RSS trend over the last half (MB per 1,000 requests; a leak shows as a positive slope)."""
+    statuses: dict[int, int] = {}
+    trend: list[tuple[int, float]] = []
+    with MemorySampler(service.master_pid, interval=0.02) as sampler:
+        for index, inputs in enumerate(requests):
+            try:
+                status = service.request("POST", path, {"inputs": inputs}).status
+            except OSError:
+                status = 599  # no answer at all counts as a server failure
+            statuses[status] = statuses.get(status, 0) + 1
+            if index % every == 0:
+                trend.append((index, sum(rollup_mb(pid)["rss"] for pid in service.worker_pids())))
+    half = [(i, rss) for i, rss in trend if i >= len(requests) // 2]
+    slope = float(np.polyfit([i for i, _ in half], [r for _, r in half], 1)[0]) * 1000
+    return {
+        "requests": len(requests),
+        "statuses": statuses,
+        "server_errors": sum(n for status, n in statuses.items() if status >= 500),
+        "peak": sampler.peak(),
+        "rss_first_mb": round(trend[0][1], 1),
+        "rss_last_mb": round(trend[-1][1], 1),
+        "slope_mb_per_1k_requests": round(slope, 3),
     }
 
 

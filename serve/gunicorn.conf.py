@@ -15,6 +15,8 @@ limit_request_fields = int(os.environ.get("LIMIT_REQUEST_FIELDS", "100"))
 # ONNX Runtime threads do not survive fork: the app (and its sessions) is created in each worker.
 preload_app = False
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# No per-user control socket: several instances on one host would share it.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from serve.artifacts import ApprovedArtifact, ArtifactError, load_approved
 from serve.config import Limits
-from serve.runtime import ModelRuntime, SessionSettings
+from serve.onnx_refs import check_external_data
+from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ServedModel:
 def open_approved(model_dir: Path, limits: Limits) -> ServedModel:
     """Refuses (ArtifactError) an artifact that does not verify, or request limits beyond what it proves."""
     artifact = load_approved(model_dir)
+    check_external_data(artifact.folder / MODEL_FILE, allowed=set(artifact.manifest["files"]))
     proven = artifact.manifest["limits"]
     if limits.max_seq_len > proven["max_seq_len"]:
         raise ArtifactError(

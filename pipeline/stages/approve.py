@@ -30,6 +30,7 @@ from serve.artifacts import (
     sha256_bytes,
     sha256_file,
 )
+from serve.onnx_refs import check_external_data
 from serve.runtime import MODEL_FILE, TOKENIZER_FILE
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
@@ -103,7 +104,8 @@ def publish(model_dir: Path, candidate: Candidate, manifest_for: Callable[[dict[
     final = model_dir / f"{candidate.variant}-{stamp}"
     with atomic_dir(final) as tmp:
         files = {}
-        for name in ARTIFACT_FILES:
+        external = check_external_data(candidate.folder / MODEL_FILE)
+        for name in (*ARTIFACT_FILES, *external):
             shutil.copy2(candidate.folder / name, tmp / name)
             files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         (tmp / MANIFEST_FILE).write_bytes(json_bytes(manifest_for(files)))

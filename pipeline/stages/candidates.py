@@ -11,6 +11,7 @@ from pipeline.candidates import CANDIDATES, CandidatePass
 from pipeline.progress import step
 from pipeline.state import BuildContext, BuildState, Candidate, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
+from serve.onnx_refs import check_external_data
 from serve.runtime import MODEL_FILE, TOKENIZER_FILE
 
 SETTINGS_FILE = "settings.json"
@@ -34,6 +35,7 @@ def build_candidate(context: BuildContext, source: SourceModel, exported: Export
         else:
             with step(f"{context.model.name}: build candidate {spec.name}"):
                 spec.build(base / MODEL_FILE, tmp / MODEL_FILE, source.model_type)
+        check_external_data(tmp / MODEL_FILE)
         (tmp / SETTINGS_FILE).write_bytes(json_bytes(spec.settings))
     return target
 

@@ -1,0 +1,95 @@
+"""HTTP faults against real gunicorn: protocol abuse, stuck requests, shutdown, worker recycling."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.servebench import GunicornService, Response
+from serve.artifacts import load_approved
+from tests.conftest import TinyRun
+
+pytestmark = pytest.mark.reliability
+SLOW_APP = "tests.reliability.slow_app:create_app()"
+
+
+def raw_request(port: int, data: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.sendall(data)
+        answer = connection.recv(4096)
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_protocol_limits_answer_4xx_and_the_worker_survives(tiny_run: TinyRun) -> None:
+    with GunicornService(tiny_run.service) as service:
+        pid = service.worker_pids()[0]
+        long_line = b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert raw_request(service.port, long_line) == 414  # gunicorn: request line over limit_request_line
+        headers = b"".join(f"X-H{i}: v\r\n".encode() for i in range(150))
+        assert raw_request(service.port, b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n") == 431
+        assert raw_request(service.port, b"NOT HTTP AT ALL\r\n\r\n") == 400
+        reply = service.request("GET", "/api/health")
+        assert reply.status == 200 and reply.body["pid"] == pid
+        assert service.worker_pids() == [pid]
+
+
+def test_stuck_request_worker_is_replaced_and_service_recovers(tiny_run: TinyRun) -> None:
+    with GunicornService(tiny_run.service, env={"TIMEOUT": "2"}, app=SLOW_APP) as service:
+        old = service.worker_pids()[0]
+        started = time.monotonic()
+        # gunicorn aborts the worker and answers 500 itself, or the connection drops (OSError).
+        with contextlib.suppress(OSError):
+            assert service.request("GET", "/test/sleep?s=30", timeout=20).status == 500
+        assert time.monotonic() - started < 10, "the timeout, not the 30 s sleep, must end the request"
+        recovery = service.wait_until(200)
+        assert service.worker_pids() != [old]
+        print(f"recovered in {recovery:.2f} s after the stuck worker was killed")
+        assert recovery < 15
+        assert service.request("POST", "/api/embed", {"inputs": ["after recovery"]}).status == 200
+
+
+def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_run: TinyRun) -> None:
+    service = GunicornService(tiny_run.service, env={"GRACEFUL_TIMEOUT": "10"}, app=SLOW_APP).start()
+    replies: list[Response] = []
+    worker = threading.Thread(target=lambda: replies.append(service.request("GET", "/test/sleep?s=2")))
+    worker.start()
+    time.sleep(0.5)
+    assert service.process is not None
+    started = time.monotonic()
+    service.process.send_signal(signal.SIGTERM)
+    code = service.process.wait(timeout=20)
+    worker.join(timeout=5)
+    assert replies and replies[0].status == 200, "the in-flight request must complete"
+    assert code == 0
+    assert time.monotonic() - started < 10
+
+
+def test_max_requests_recycles_without_failures_and_reverifies(tiny_copy: TinyRun) -> None:
+    env = {"MAX_REQUESTS": "20", "MAX_REQUESTS_JITTER": "0"}
+    with GunicornService(tiny_copy.service, env=env) as service:
+        pids, statuses = set(), []
+        for index in range(120):
+            if index % 2:
+                reply = service.request("GET", "/api/health")
+                pids.add(reply.body["pid"])
+            else:
+                reply = service.request("POST", "/api/embed", {"inputs": ["recycled"] * (1 + index % 8)})
+            statuses.append(reply.status)
+        assert statuses == [200] * 120
+        assert len(pids) >= 5, f"expected several recycled workers, saw {pids}"
+        # A replacement worker re-verifies checksums: damage the model and the next worker refuses it.
+        model = load_approved(tiny_copy.artifacts / "tiny-embed").folder / "model.onnx"
+        data = bytearray(model.read_bytes())
+        data[100] ^= 0xFF
+        Path(model).write_bytes(bytes(data))
+        for _ in range(40):
+            service.request("GET", "/api/health")
+        reply = service.request("GET", "/api/ready")
+        assert reply.status == 503 and "model.onnx" in reply.body["error"]["message"]
