@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, model_config, tiny_model, write_service
+from tests.helpers import memfit, model_config, tiny_model, write_service
 
 
 @dataclass(frozen=True)
@@ -29,14 +27,7 @@ def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> MinilmRun:
     """`memfit optimize` on the shipped MiniLM config, once per test session, into a temp folder."""
     root = tmp_path_factory.mktemp("minilm")
     env = {**os.environ, "ARTIFACTS_DIR": str(root / "artifacts")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "optimize", "--build-dir", str(root / "build")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = memfit("optimize", "--build-dir", str(root / "build"), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     print((root / "artifacts" / "report.md").read_text())
     return MinilmRun(root / "artifacts", env)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,16 @@ def write_service(folder: Path, models: list[dict[str, Any]], **overrides: Any) 
     path = folder / "configs" / "service.yaml"
     path.write_text(yaml.safe_dump(service))
     return path
+
+
+def memfit(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """The `memfit` command in a subprocess, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )

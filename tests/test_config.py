@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,7 @@ import yaml
 
 from pipeline.config import LoadedConfigs, ModelConfig
 from serve.config import ConfigError, ServiceConfig, load_config, load_service_config
-from tests.helpers import REPO
+from tests.helpers import REPO, memfit
 
 GOOD_MODEL: dict[str, Any] = yaml.safe_load((REPO / "configs/models/minilm.yaml").read_text())
 
@@ -144,11 +142,6 @@ def test_shipped_configs_are_valid() -> None:
 
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, {"budget_mb": 0, "models": ["a.yaml"]}, "service.yaml")
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "optimize", "--service", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = memfit("optimize", "--service", str(path))
     assert done.returncode == 2
     assert done.stderr.strip() == f"memfit: error: {path}: field 'budget_mb': must be greater than 0 (got 0)"

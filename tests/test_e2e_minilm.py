@@ -7,8 +7,6 @@ peak RSS grows more than 10% over benchmarks/memory-baseline.json or exceeds the
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -20,7 +18,7 @@ from serve.config import load_service_config
 from serve.memory import status_mb
 from serve.runtime import ModelRuntime, SessionSettings
 from tests.conftest import MinilmRun
-from tests.helpers import REPO
+from tests.helpers import REPO, memfit
 
 pytestmark = pytest.mark.e2e
 SERVICE = REPO / "configs" / "service.yaml"
@@ -28,17 +26,6 @@ SERVICE = REPO / "configs" / "service.yaml"
 
 def manifest(run: MinilmRun) -> dict[str, Any]:
     return load_approved(run.artifacts / "minilm").manifest
-
-
-def memfit(run: MinilmRun, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=REPO,
-        env=run.env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def test_an_int8_variant_is_approved_within_budget_and_tolerance(minilm_run: MinilmRun) -> None:
@@ -57,12 +44,12 @@ def test_an_int8_variant_is_approved_within_budget_and_tolerance(minilm_run: Min
 
 
 def test_verify_exits_0(minilm_run: MinilmRun) -> None:
-    done = memfit(minilm_run, "verify")
+    done = memfit("verify", env=minilm_run.env)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_memory_regression_gate(minilm_run: MinilmRun) -> None:
-    done = memfit(minilm_run, "check-baseline")
+    done = memfit("check-baseline", env=minilm_run.env)
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
 

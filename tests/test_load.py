@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.stages.load import ModelFolderError, check_folder
-from tests.helpers import TOKENIZER_FILES, minilm_folder
+from tests.helpers import TOKENIZER_FILES, memfit, minilm_folder
 
 
 def folder_with(tmp_path: Path, files: dict[str, str | bytes], config: dict | None = None) -> Path:
@@ -57,19 +57,12 @@ def test_safetensors_beside_pickle_is_accepted(tmp_path: Path) -> None:
 
 
 def test_pickle_model_fails_the_cli_with_exit_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     from tests.helpers import model_config, write_service
 
     folder_with(tmp_path, {"pytorch_model.bin": b"\x80\x02pickle"})
     service = write_service(tmp_path, [model_config("pickled", "feature-extraction", {"path": "../../model"})])
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "optimize", "--service", str(service)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = memfit("optimize", "--service", str(service))
     assert done.returncode == 2
     assert "only pickle weights (pytorch_model.bin); memfit loads safetensors only" in done.stderr
     assert not (tmp_path / "artifacts" / "pickled" / "approved.json").exists()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from serve.artifacts import APPROVED_FILE, load_approved
 from tests.conftest import TinyRun
-from tests.helpers import REPO
+from tests.helpers import memfit
 
 MANIFEST_KEYS = {
     "model",
@@ -28,12 +26,6 @@ MANIFEST_KEYS = {
     "versions",
     "created_at",
 }
-
-
-def memfit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO, check=False
-    )
 
 
 def test_both_tasks_are_approved_with_complete_manifests(tiny_run: TinyRun) -> None:

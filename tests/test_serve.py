@@ -18,7 +18,7 @@ from pipeline.servebench import GunicornService
 from serve.artifacts import load_approved
 from serve.runtime import ModelRuntime, SessionSettings
 from tests.conftest import TinyRun
-from tests.helpers import REPO
+from tests.helpers import REPO, memfit
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +171,7 @@ def test_planner_refuses_workers_that_do_not_fit(tiny_run: TinyRun) -> None:
     assert done.returncode != 0
     line = next(line for line in done.stderr.splitlines() if line.startswith("WORKERS=4"))
     assert "budget 300 MB fits at most" in line
-    plan = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "plan", "--service", str(tiny_run.service), "--workers", "4"],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    plan = memfit("plan", "--service", str(tiny_run.service), "--workers", "4", env={**os.environ, **env})
     assert plan.returncode == 1 and plan.stdout.startswith("WORKERS=4 needs ~")
 
 

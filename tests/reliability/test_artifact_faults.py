@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from pipeline.servebench import GunicornService
 from serve.artifacts import ArtifactError, load_approved
 from serve.onnx_refs import check_external_data, external_data_locations
 from tests.conftest import TinyRun
-from tests.helpers import REPO
+from tests.helpers import memfit
 
 pytestmark = pytest.mark.reliability
 
@@ -42,13 +40,7 @@ def test_corrupted_model_keeps_service_up_but_not_ready(tiny_copy: TinyRun) -> N
         assert service.request("POST", "/api/classify", {"inputs": ["x"]}).status == 200  # the sound model serves
     finally:
         service.stop()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "verify", "--service", str(tiny_copy.service)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = memfit("verify", "--service", str(tiny_copy.service))
     assert done.returncode == 1 and "model.onnx: sha256 differs" in done.stdout
 
 

@@ -16,7 +16,7 @@ from pipeline.stages.approve import publish
 from pipeline.state import Candidate
 from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved
 from tests.conftest import TinyRun
-from tests.helpers import REPO
+from tests.helpers import REPO, memfit
 from tests.reliability.test_artifact_faults import model_with_external_data
 
 pytestmark = pytest.mark.reliability
@@ -79,13 +79,7 @@ def test_sigkill_keeps_previous_approval_and_next_run_recovers(tiny_copy: TinyRu
     with GunicornService(tiny_copy.service) as service:  # ... and still serves
         assert service.request("POST", "/api/embed", {"inputs": ["still here"]}).status == 200
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *optimize(tiny_copy)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    rerun = memfit(*optimize(tiny_copy))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not list(tiny_copy.root.rglob(".tmp-*")), "the next run removes the leftovers"
     assert (model_dir / APPROVED_FILE).read_bytes() != before
@@ -94,14 +88,7 @@ def test_sigkill_keeps_previous_approval_and_next_run_recovers(tiny_copy: TinyRu
 
 def test_second_run_fails_fast_on_the_lock(tiny_copy: TinyRun) -> None:
     with run_lock(tiny_copy.artifacts / "tiny-embed"):
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *optimize(tiny_copy)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        done = memfit(*optimize(tiny_copy))
     assert done.returncode == 3
     assert "another memfit run holds the lock" in done.stderr
 
