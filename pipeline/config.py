@@ -13,20 +13,25 @@ Task = Literal["feature-extraction", "text-classification"]
 
 
 class SourceConfig(StrictModel):
-    """Where the model folder is: a local `path` (relative to the config file), or an installed
-    `package` that ships one, located by calling its `function` or by its `subdir`."""
+    """Where the model folder is: a local `path` (relative to the config file); an installed `package`
+    that ships one, located by calling its `function` or by its `subdir`; or `split_zip`, installed
+    distributions (in order) whose files are the parts of one zip of the folder."""
 
     path: str | None = None
     package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
     function: str | None = None
     subdir: str | None = None
+    split_zip: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
-        by_package = self.package is not None and (self.function is None) != (self.subdir is None)
-        by_path = self.path is not None and self.package is None and self.function is None and self.subdir is None
-        if not (by_package or by_path):
-            raise ValueError("set either 'path', or 'package' with exactly one of 'function' or 'subdir'")
+        locator = (self.function is None) != (self.subdir is None)
+        by_package = self.package is not None and locator and self.path is None and self.split_zip is None
+        rest = (self.package, self.function, self.subdir)
+        by_path = self.path is not None and self.split_zip is None and rest == (None, None, None)
+        by_zip = self.split_zip is not None and self.path is None and rest == (None, None, None)
+        if not (by_package or by_path or by_zip):
+            raise ValueError("set either 'path', 'split_zip', or 'package' with exactly one of 'function' or 'subdir'")
         return self
 
 

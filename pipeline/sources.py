@@ -6,8 +6,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import DataFile, SourceConfig
+from pipeline.split_zip import split_zip_folder
 from serve.config import ConfigError, resolve
 
 
@@ -26,11 +28,15 @@ def package_version(package: str) -> str | None:
     return None
 
 
-def model_folder(source: SourceConfig, config_path: Path) -> tuple[Path, dict[str, str | None]]:
+def model_folder(source: SourceConfig, config_path: Path, cache_root: Path) -> tuple[Path, dict[str, Any]]:
     """The model folder and a description of where it came from, for the manifest."""
-    if source.path is not None:
+    described: dict[str, Any]
+    if source.split_zip is not None:
+        folder, distributions = split_zip_folder(source.split_zip, cache_root, config_path)
+        described = {"kind": "split_zip", "distributions": distributions, "path": str(folder.resolve())}
+    elif source.path is not None:
         folder = resolve(config_path, source.path)
-        described: dict[str, str | None] = {"kind": "folder", "path": str(folder.resolve())}
+        described = {"kind": "folder", "path": str(folder.resolve())}
     else:
         package = str(source.package)
         if source.function:

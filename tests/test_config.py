@@ -45,7 +45,7 @@ BAD_MODELS = [
     (
         "source",
         {"package": "x", "function": "f", "subdir": "m"},
-        "field 'source': set either 'path', or 'package' with exactly one of 'function' or 'subdir'",
+        "field 'source': set either 'path', 'split_zip', or 'package' with exactly one of 'function' or 'subdir'",
     ),
     (
         "candidates",
@@ -119,7 +119,7 @@ def test_missing_model_folder_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, with_change("source", {"path": "no/such/folder"}))
     config = load_config(path, ModelConfig)
     with pytest.raises(ConfigError) as caught:
-        model_folder(config.source, path)
+        model_folder(config.source, path, tmp_path / "cache")
     assert str(caught.value) == f"{path}: field 'source': {tmp_path / 'no/such/folder'} is not a folder"
 
 
