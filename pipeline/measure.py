@@ -18,17 +18,10 @@ class ProbeError(RuntimeError):
     pass
 
 
-def run_probe(
-    models: list[dict[str, Any]], batch: int, seq_len: int, max_tokens_per_run: int, repeats: int
-) -> dict[str, Any]:
-    """Peak RSS of a process that imports only the serve runtime, loads `models` and runs the worst case."""
-    spec = {
-        "models": models,
-        "batch": batch,
-        "seq_len": seq_len,
-        "max_tokens_per_run": max_tokens_per_run,
-        "repeats": repeats,
-    }
+def run_probe(models: list[dict[str, Any]], seq_len: int, repeats: int) -> dict[str, Any]:
+    """Peak RSS of a fresh process that imports what a worker imports, loads `models` (each a dict of
+    folder, session_options and batch: full-length rows per run) and runs each at its micro-batch."""
+    spec = {"models": models, "seq_len": seq_len, "repeats": repeats}
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),

@@ -34,6 +34,9 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "variant": candidate.variant,
                 "file_mb": candidate.file_mb,
                 "peak_rss_mb": measurement.peak_rss_mb,
+                "worst_case_peak_mb": measurement.worst_case_peak_mb,
+                "max_tokens_per_run": measurement.max_tokens_per_run,
+                "predicted_peak_mb": measurement.predicted_peak_mb,
                 "rss_after_load_mb": measurement.rss_after_load_mb,
                 "p50_ms": evaluation.latency_ms["p50"],
                 "p95_ms": evaluation.latency_ms["p95"],
@@ -68,7 +71,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Created {report['created_at']}. Budget {service['budget_mb']:.0f} MB, share per model "
         f"{service['share_mb']:.0f} MB; worst-case input {service['max_batch']} x {service['max_seq_len']} tokens.",
-        "Peak RSS is VmHWM of a fresh process that imports only the service runtime.",
+        "Peak RSS is VmHWM of a fresh process that imports what a service worker imports. Worst-case peak: "
+        "the whole worst-case input in one run; tokens/run: the micro-batch the service runs, the largest "
+        "that fits the share (peak RSS measured there, the fitted curve's prediction in brackets).",
         "",
     ]
     for model in report["models"]:
@@ -77,16 +82,36 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Approved: **{model['approved'] or 'nothing (no candidate passed)'}**. Test examples: {model['n_test']}.",
             "",
-            "| variant | file MB | peak RSS MB | p50 ms | p95 ms | metric | Δ pt | cos mean | cos min | overlap@10 "
-            "| agreement | verdict | why |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | file MB | worst-case peak MB | tokens/run | peak RSS MB (predicted) | p50 ms | p95 ms "
+            "| metric | Δ pt | cos mean | cos min | overlap@10 | agreement | verdict | why |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in model["candidates"]:
             lines.append(
-                f"| {row['variant']} | {_fmt(row['file_mb'], 1)} | {_fmt(row['peak_rss_mb'], 1)} | "
+                f"| {row['variant']} | {_fmt(row['file_mb'], 1)} | {_fmt(row['worst_case_peak_mb'], 1)} | "
+                f"{row['max_tokens_per_run']} | {_fmt(row['peak_rss_mb'], 1)} ({_fmt(row['predicted_peak_mb'], 1)}) | "
                 f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | {_fmt(row['value'], 4)} | "
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
+            )
+        lines.append("")
+    fit = report.get("service_fit")
+    if fit:
+        verdict = "fits" if fit["fits"] else "DOES NOT FIT"
+        lines += [
+            "## Whole service (one worker, every model at its worst-case micro-batch, measured together)",
+            "",
+            f"Total {fit['total_mb']:.1f} MB of {fit['budget_mb']:.0f} MB: **{verdict}**. Gunicorn master "
+            f"{fit['master_mb']:.1f} MB; worker peak {fit['worker_peak_mb']:.1f} MB, of which runtime floor "
+            f"(imports) {fit['runtime_floor_mb']:.1f} MB.",
+            "",
+            "| model | variant | tokens/run | weights MB | activation peak MB (alone) | peak alone MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in fit["models"]:
+            lines.append(
+                f"| {row['model']} | {row['variant']} | {row['tokens_per_run']} | {row['weights_mb']:.1f} | "
+                f"{row['activation_peak_mb']:.1f} | {row['alone_peak_mb']:.1f} |"
             )
         lines.append("")
     lines += ["![accuracy vs peak RSS](report.png)", ""]
@@ -137,7 +162,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_report(runs: list[ModelRun], artifacts_root: Path, service: ServiceConfig) -> dict[str, Any]:
+def write_report(
+    runs: list[ModelRun], artifacts_root: Path, service: ServiceConfig, fit: dict[str, Any] | None
+) -> dict[str, Any]:
     report = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "service": {
@@ -157,6 +184,7 @@ def write_report(runs: list[ModelRun], artifacts_root: Path, service: ServiceCon
             }
             for run in runs
         ],
+        "service_fit": fit,
     }
     artifacts_root.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(artifacts_root / "report.json", json_bytes(report))

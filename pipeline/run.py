@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +10,10 @@ from pipeline.atomic import TMP_PREFIX, remove_leftovers, run_lock
 from pipeline.config import LoadedConfigs
 from pipeline.progress import step
 from pipeline.report import write_report
+from pipeline.service_fit import measure_service, write_service_fit
 from pipeline.stages import StageError, default_pipeline
 from pipeline.state import BuildContext, BuildState
+from serve.artifacts import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,16 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
                 with step(f"{model.name}: stage {stage.name}"):
                     state = stage.run(context, state)
         runs.append(ModelRun(context, state))
-    write_report(runs, artifacts_root, configs.service)
     refused = [run for run in runs if run.state.approved is None]
+    fit = None
+    if not refused:
+        try:
+            fit = measure_service(configs)
+        except ArtifactError as exc:  # e.g. `--model` ran one model and another has no approval yet
+            print(f"memfit: whole-service fit not measured: {exc}", file=sys.stderr)
+        else:
+            write_service_fit(fit, artifacts_root)
+    write_report(runs, artifacts_root, configs.service, fit)
     if refused:
         lines = []
         for run in refused:
@@ -59,5 +70,10 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
         names = ", ".join(run.context.model.name for run in refused)
         raise StageError(
             f"no candidate of {names} passes every gate; previous approval left untouched\n" + "\n".join(lines)
+        )
+    if fit is not None and not fit["fits"]:
+        raise StageError(
+            f"the service does not fit: worker {fit['worker_peak_mb']:.0f} MB + master {fit['master_mb']:.0f} MB "
+            f"= {fit['total_mb']:.0f} MB > budget {fit['budget_mb']:.0f} MB with every model at its worst case"
         )
     return runs

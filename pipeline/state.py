@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, ServiceConfig
 from pipeline.data import Dataset
+from pipeline.memory_curve import MemoryCurve
 from serve.runtime import Pooling
 
 
@@ -70,12 +71,26 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Measurement:
-    peak_rss_mb: float  # VmHWM of the fresh probe process
+    """Peak RSS (VmHWM of a fresh probe process) at the micro-batch the service will run:
+    `batch` full-length rows of `seq_len` tokens."""
+
+    peak_rss_mb: float
     ru_maxrss_mb: float
     rss_after_imports_mb: float
     rss_after_load_mb: float
     batch: int
     seq_len: int
+    worst_case_peak_mb: float  # at max_batch × max_seq_len in one run
+    predicted_peak_mb: float  # the fitted curve's prediction at batch × seq_len
+    curve: MemoryCurve
+
+    @property
+    def max_tokens_per_run(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def prediction_error(self) -> float:
+        return (self.predicted_peak_mb - self.peak_rss_mb) / self.peak_rss_mb
 
 
 @dataclass(frozen=True)

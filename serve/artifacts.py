@@ -59,10 +59,6 @@ class ApprovedArtifact:
     def variant_id(self) -> str:
         return self.folder.name
 
-    @property
-    def peak_rss_mb(self) -> float:
-        return float(self.manifest["metrics"]["peak_rss_mb"])
-
 
 def read_json(path: Path) -> dict[str, Any]:
     try:

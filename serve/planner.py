@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve.artifacts import ArtifactError, load_approved
+from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved, read_json
 from serve.config import load_service_config, model_names, resolve
 from serve.memory import status_mb
 
 MASTER_IMPORTS = "import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner"
+SERVICE_FIT_FILE = "service-fit.json"
 
 
 def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
@@ -19,6 +20,16 @@ def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
     it (peak − floor), each measured alone in a fresh process at its worst-case input."""
     floor = max(f for _, f in peaks)
     return floor + sum(peak - f for peak, f in peaks)
+
+
+def measured_worker_peak(artifacts: Path, approvals: dict[str, str]) -> float | None:
+    """The worker peak `memfit optimize` measured with all these approvals loaded together, if the
+    measurement is of exactly the current approvals."""
+    try:
+        fit = read_json(artifacts / SERVICE_FIT_FILE)
+    except ArtifactError:
+        return None
+    return float(fit["worker_peak_mb"]) if fit.get("approvals") == approvals else None
 
 
 def idle_master_mb() -> float:
@@ -31,14 +42,15 @@ def idle_master_mb() -> float:
 def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]:
     config, path = load_service_config(service_path)
     artifacts = resolve(path, config.artifacts_dir)
-    peaks = []
+    peaks, approvals = [], {}
     for name in model_names(config, path):
         try:
             metrics = load_approved(artifacts / name, verify=False).manifest["metrics"]
-        except ArtifactError as exc:
+            approvals[name] = read_json(artifacts / name / APPROVED_FILE)["sha256"]
+        except (ArtifactError, KeyError) as exc:
             return False, f"memfit plan: {name} has no approved artifact ({exc}); run `make optimize`"
         peaks.append((float(metrics["peak_rss_mb"]), float(metrics["rss_after_imports_mb"])))
-    worker = worker_peak_mb(peaks)
+    worker = measured_worker_peak(artifacts, approvals) or worker_peak_mb(peaks)
     budget = config.budget_mb
     fits_at_most = max(0, int((budget - master_mb) // worker))
     needed = master_mb + workers * worker

@@ -36,21 +36,24 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from serve.runtime import ModelRuntime, SessionSettings
 
     after_imports = status_mb()
-    runtimes = [
-        ModelRuntime(
-            Path(m["folder"]),
-            SessionSettings.from_json(m["session_options"]),
-            max_seq_len=spec["seq_len"],
-            max_tokens_per_run=spec["max_tokens_per_run"],
-            max_batch=spec["batch"],
+    seq_len = spec["seq_len"]
+    runtimes, loaded = [], []
+    for model in spec["models"]:  # each with its own micro-batch: `batch` full-length rows per run
+        runtimes.append(
+            ModelRuntime(
+                Path(model["folder"]),
+                SessionSettings.from_json(model["session_options"]),
+                max_seq_len=seq_len,
+                max_tokens_per_run=model["batch"] * seq_len,
+                max_batch=model["batch"],
+            )
         )
-        for m in spec["models"]
-    ]
+        loaded.append(round(status_mb(), 1))
     after_load = status_mb()
-    texts = worst_case_texts(spec["batch"], spec["seq_len"])
+    inputs = [worst_case_texts(model["batch"], seq_len) for model in spec["models"]]
     peaks = []
     for _ in range(spec["repeats"]):
-        for runtime in runtimes:
+        for runtime, texts in zip(runtimes, inputs, strict=True):
             runtime.embed(texts)
         peaks.append(status_mb("VmHWM"))
     leaked = [name for name in FORBIDDEN_MODULES if name in sys.modules]
@@ -58,6 +61,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_start_mb": round(before_imports, 1),
         "rss_after_imports_mb": round(after_imports, 1),
         "rss_after_load_mb": round(after_load, 1),
+        "rss_after_each_load_mb": loaded,
         "vmhwm_mb": round(status_mb("VmHWM"), 1),
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -20,6 +20,7 @@ class TinyRun:
 class MinilmRun:
     artifacts: Path
     env: dict[str, str]  # ARTIFACTS_DIR pointing the shipped configs at this run's artifacts
+    build: Path  # exports and candidates, reusable by further runs
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +31,7 @@ def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> MinilmRun:
     done = memfit("optimize", "--build-dir", str(root / "build"), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     print((root / "artifacts" / "report.md").read_text())
-    return MinilmRun(root / "artifacts", env)
+    return MinilmRun(root / "artifacts", env, root / "build")
 
 
 @pytest.fixture(scope="session")

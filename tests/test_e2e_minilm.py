@@ -7,6 +7,7 @@ peak RSS grows more than 10% over benchmarks/memory-baseline.json or exceeds the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,3 +76,33 @@ def test_real_service_stays_within_budget_under_500_mixed_requests(minilm_run: M
     assert load["failures"] == []
     assert peak["total_rss"] <= config.budget_mb
     assert worker_hwm <= m["metrics"]["peak_rss_mb"] + config.headroom_mb
+
+
+def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp_path: Path) -> None:
+    """With a budget the worst case (32 × 128 in one run) does not fit, memfit derives the largest
+    micro-batch that does from the fitted curve, verifies it by measurement, and the service keeps
+    serving 32 × 128 requests in micro-batches without exceeding the proven peak."""
+    env = {**minilm_run.env, "ARTIFACTS_DIR": str(tmp_path / "artifacts"), "MEMORY_BUDGET_MB": "290"}
+    done = memfit("optimize", "--build-dir", str(minilm_run.build), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = load_approved(tmp_path / "artifacts" / "minilm").manifest
+    share, metrics, limits = m["budget_share_mb"], m["metrics"], m["limits"]
+    print(
+        f"share {share} MB: worst case {metrics['worst_case_peak_mb']} MB, {limits['max_tokens_per_run']} tokens/run "
+        f"peak {metrics['peak_rss_mb']} MB, predicted {metrics['memory_curve']['predicted_peak_mb']} MB"
+    )
+    assert metrics["worst_case_peak_mb"] > share  # the premise: the worst case in one run does not fit
+    assert 128 <= limits["max_tokens_per_run"] < 32 * 128
+    assert metrics["peak_rss_mb"] <= share
+    assert abs(metrics["memory_curve"]["prediction_error"]) <= 0.10
+
+    config, _ = load_service_config(SERVICE)
+    with GunicornService(SERVICE, env=env) as service:
+        worst = request_mix(30, config.limits.max_batch, config.limits.max_seq_len, worst_every=1)
+        with MemorySampler(service.master_pid) as sampler:
+            load = run_mix(service, "/api/embed", worst)
+        worker_hwm = status_mb("VmHWM", service.worker_pids()[0])
+    assert load["failures"] == []
+    print(f"worker VmHWM {worker_hwm:.1f} MB serving 32 x 128 requests; peak {sampler.peak()}")
+    assert worker_hwm <= metrics["peak_rss_mb"] + config.headroom_mb
+    assert sampler.peak()["total_rss"] <= 290

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import Gates
 from pipeline.gates import select
+from pipeline.memory_curve import MemoryCurve
 from pipeline.state import Evaluation, Measurement
 
 
@@ -19,7 +20,8 @@ def evaluation(delta: float = 0.0, cosine: float = 1.0, overlap: float = 1.0, p5
 
 
 def measurement(peak: float) -> Measurement:
-    return Measurement(peak, peak, 50.0, 80.0, 32, 128)
+    curve = MemoryCurve.fit([(128, peak / 2), (4096, peak)])
+    return Measurement(peak, peak, 50.0, 80.0, 32, 128, peak, peak, curve)
 
 
 def test_each_gate_rejects_with_its_reason() -> None:

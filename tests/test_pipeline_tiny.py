@@ -34,6 +34,8 @@ def test_both_tasks_are_approved_with_complete_manifests(tiny_run: TinyRun) -> N
     for manifest in (embed, clf):
         assert set(manifest) >= MANIFEST_KEYS
         assert manifest["limits"] == {"max_batch": 8, "max_seq_len": 64, "max_tokens_per_run": 512}
+        curve = manifest["metrics"]["memory_curve"]
+        assert [p["tokens"] for p in curve["points"]] == [64, 128, 256, 512]
         assert manifest["metrics"]["peak_rss_mb"] > manifest["metrics"]["rss_after_imports_mb"] > 0
         assert manifest["metrics"]["accuracy"]["n_test"] == 300
         assert {"python", "onnx", "onnxruntime", "torch", "transformers", "optimum-onnx"} <= set(manifest["versions"])
@@ -66,7 +68,7 @@ def test_report_lists_every_candidate_with_a_verdict(tiny_run: TinyRun) -> None:
         ]
         assert sum(row["verdict"] == "approved" for row in model["candidates"]) == 1
     markdown = (tiny_run.artifacts / "report.md").read_text()
-    assert "| variant | file MB | peak RSS MB |" in markdown
+    assert "| variant | file MB | worst-case peak MB | tokens/run |" in markdown
     assert (tiny_run.artifacts / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,3 +114,41 @@ def test_no_passing_candidate_exits_1_and_keeps_previous_approval(tiny_run: Tiny
     assert any(line.startswith("  tiny-embed/int8-qint8-per-channel: mean cosine") for line in last)
     assert (root / "artifacts" / "tiny-embed" / APPROVED_FILE).read_bytes() == before
     load_approved(root / "artifacts" / "tiny-embed")
+
+
+def test_weight_only_candidates_keep_fidelity(tiny_run: TinyRun, tmp_path: Path) -> None:
+    root = tmp_path / "wo"
+    shutil.copytree(tiny_run.root / "configs", root / "configs")
+    shutil.copytree(tiny_run.root / "models", root / "models")
+    config_path = root / "configs" / "models" / "tiny-embed.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["candidates"] = ["wo8-matmul-b32", "wo4-matmul-b32"]
+    config_path.write_text(yaml.safe_dump(config))
+    done = memfit(
+        "optimize",
+        "--service",
+        str(root / "configs" / "service.yaml"),
+        "--model",
+        "tiny-embed",
+        "--build-dir",
+        str(tiny_run.root / "build"),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {
+        r["variant"]: r for r in json.loads((root / "artifacts" / "report.json").read_text())["models"][0]["candidates"]
+    }
+    assert set(rows) == {"fp32", "wo8-matmul-b32", "wo4-matmul-b32"}
+    assert rows["wo8-matmul-b32"]["cosine_mean"] >= 0.999  # 8-bit weights, fp32 activations
+    assert rows["wo4-matmul-b32"]["cosine_mean"] < rows["wo8-matmul-b32"]["cosine_mean"]
+
+
+def test_whole_service_fit_is_measured_and_used_by_the_planner(tiny_run: TinyRun) -> None:
+    fit = json.loads((tiny_run.artifacts / "service-fit.json").read_text())
+    assert [m["model"] for m in fit["models"]] == ["tiny-embed", "tiny-clf"]
+    assert fit["total_mb"] == round(fit["worker_peak_mb"] + fit["master_mb"], 1) and fit["fits"]
+    assert fit["worker_peak_mb"] >= fit["runtime_floor_mb"] + sum(m["weights_mb"] for m in fit["models"])
+    report = (tiny_run.artifacts / "report.md").read_text()
+    assert "## Whole service" in report
+    done = memfit("plan", "--service", str(tiny_run.service))
+    assert done.returncode == 0
+    assert f"worker {fit['worker_peak_mb']:,.0f} MB" in done.stdout

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.candidates.optimize import GraphOptimization
 from pipeline.candidates.quantize import DYNAMIC_INT8_PRESETS, DynamicInt8
+from pipeline.candidates.weight_only import WEIGHT_ONLY_PRESETS, WeightOnly
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ def _registry() -> dict[str, CandidatePass]:
     for name, config in DYNAMIC_INT8_PRESETS.items():
         quantizer = DynamicInt8(config)
         passes.append(CandidatePass(name, "fp32-optimized", quantizer.settings(), quantizer.apply))
+    # Weight-only passes start from the unfused graph: fused attention would hide its MatMuls from them.
+    for name, wo_config in WEIGHT_ONLY_PRESETS.items():
+        weight_only = WeightOnly(wo_config)
+        passes.append(CandidatePass(name, "fp32", weight_only.settings(), weight_only.apply))
     return {p.name: p for p in passes}
 
 

@@ -64,6 +64,12 @@ def build_manifest(
         "rss_after_load_mb": measurement.rss_after_load_mb,
         "rss_after_imports_mb": measurement.rss_after_imports_mb,
         "measured_at": {"batch": measurement.batch, "seq_len": measurement.seq_len},
+        "worst_case_peak_mb": measurement.worst_case_peak_mb,
+        "memory_curve": {
+            **measurement.curve.to_json(),
+            "predicted_peak_mb": measurement.predicted_peak_mb,
+            "prediction_error": round(measurement.prediction_error, 4),
+        },
         "accuracy": evaluation.accuracy,
         "latency_ms": evaluation.latency_ms,
         "throughput_per_s": evaluation.throughput,
@@ -85,7 +91,7 @@ def build_manifest(
         "limits": {
             "max_batch": limits.max_batch,
             "max_seq_len": limits.max_seq_len,
-            "max_tokens_per_run": context.max_tokens_per_run,
+            "max_tokens_per_run": measurement.max_tokens_per_run,
         },
         "budget_mb": context.service.budget_mb,
         "budget_share_mb": context.service.model_share_mb,
