@@ -12,27 +12,45 @@ from serve.config import ConfigError, ServiceConfig, StrictModel, load_config, l
 Task = Literal["feature-extraction", "text-classification"]
 
 
+class FinetuneConfig(StrictModel):
+    """Fine-tune a sequence classifier from `base` on the evaluation data's train split (never the test
+    split); seeded and cached by base weights, settings and data."""
+
+    base: SourceConfig
+    epochs: int = Field(2, gt=0, le=20)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    batch_size: int = Field(32, gt=0, le=512)
+    max_seq_len: int = Field(64, gt=0, le=512)
+    seed: int = 0
+
+
 class SourceConfig(StrictModel):
     """Where the model folder is: a local `path` (relative to the config file); an installed `package`
-    that ships one, located by calling its `function` or by its `subdir`; or `split_zip`, installed
-    distributions (in order) whose files are the parts of one zip of the folder."""
+    that ships one, located by calling its `function` or by its `subdir`; `split_zip`, installed
+    distributions (in order) whose files are the parts of one zip of the folder; or `finetune`, a
+    classifier trained from another source."""
 
     path: str | None = None
     package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
     function: str | None = None
     subdir: str | None = None
     split_zip: list[str] | None = Field(None, min_length=1)
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
+        kinds = [self.path is not None, self.split_zip is not None, self.finetune is not None]
         locator = (self.function is None) != (self.subdir is None)
-        by_package = self.package is not None and locator and self.path is None and self.split_zip is None
-        rest = (self.package, self.function, self.subdir)
-        by_path = self.path is not None and self.split_zip is None and rest == (None, None, None)
-        by_zip = self.split_zip is not None and self.path is None and rest == (None, None, None)
-        if not (by_package or by_path or by_zip):
-            raise ValueError("set either 'path', 'split_zip', or 'package' with exactly one of 'function' or 'subdir'")
+        by_package = self.package is not None and locator and not any(kinds)
+        alone = self.package is None and self.function is None and self.subdir is None and sum(kinds) == 1
+        if not (by_package or alone):
+            raise ValueError(
+                "set either 'path', 'split_zip', 'finetune', or 'package' with exactly one of 'function' or 'subdir'"
+            )
         return self
+
+
+FinetuneConfig.model_rebuild()
 
 
 class DataFile(StrictModel):

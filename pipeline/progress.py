@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -23,3 +24,18 @@ def step(description: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     print(f"memfit: {description}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_logs(*names: str) -> Iterator[None]:
+    """Raise the named loggers ("" is the root) to ERROR for the block: the quantizers log an advisory
+    or a line per node on every call, which buries the build output."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataFile, SourceConfig
+from pipeline.data import Dataset
+from pipeline.finetune import finetuned_folder
 from pipeline.split_zip import split_zip_folder
 from serve.config import ConfigError, resolve
 
@@ -28,10 +30,19 @@ def package_version(package: str) -> str | None:
     return None
 
 
-def model_folder(source: SourceConfig, config_path: Path, cache_root: Path) -> tuple[Path, dict[str, Any]]:
+def model_folder(
+    source: SourceConfig, config_path: Path, cache_root: Path, dataset: Dataset | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The model folder and a description of where it came from, for the manifest."""
     described: dict[str, Any]
-    if source.split_zip is not None:
+    if source.finetune is not None:
+        if dataset is None:
+            raise ConfigError(f"{config_path}: field 'source.finetune': needs the evaluation data to train on")
+        base, base_described = model_folder(source.finetune.base, config_path, cache_root)
+        folder = finetuned_folder(base, source.finetune, dataset.train, dataset.label_names, cache_root)
+        settings = source.finetune.model_dump(exclude={"base"})
+        described = {"kind": "finetune", "base": base_described, "settings": settings, "path": str(folder.resolve())}
+    elif source.split_zip is not None:
         folder, distributions = split_zip_folder(source.split_zip, cache_root, config_path)
         described = {"kind": "split_zip", "distributions": distributions, "path": str(folder.resolve())}
     elif source.path is not None:

@@ -45,13 +45,15 @@ BAD_MODELS = [
     (
         "source",
         {"package": "x", "function": "f", "subdir": "m"},
-        "field 'source': set either 'path', 'split_zip', or 'package' with exactly one of 'function' or 'subdir'",
+        "field 'source': set either 'path', 'split_zip', 'finetune', or 'package' with exactly one of 'function' "
+        "or 'subdir'",
     ),
     (
         "candidates",
         ["int4"],
         "field 'candidates': unknown candidate 'int4'; allowed: fp32, fp32-optimized, int8-qint8-per-channel, "
-        "int8-qint8-per-tensor, int8-quint8-per-channel (got ['int4'])",
+        "int8-qint8-per-tensor, int8-quint8-per-channel, wo8-matmul-b32, wo4-matmul-b32, wo4-matmul-b128 "
+        "(got ['int4'])",
     ),
     ("name", "Bad Name", "field 'name': String should match pattern '^[a-z0-9][a-z0-9_-]{0,62}$' (got 'Bad Name')"),
     ("eval.labels", ["only-one"], "field 'eval.labels': List should have at least 2 items after validation, not 1"),

@@ -152,3 +152,35 @@ def test_whole_service_fit_is_measured_and_used_by_the_planner(tiny_run: TinyRun
     done = memfit("plan", "--service", str(tiny_run.service))
     assert done.returncode == 0
     assert f"worker {fit['worker_peak_mb']:,.0f} MB" in done.stdout
+
+
+def test_finetuned_classifier_source_is_trained_once_and_optimized(tiny_run: TinyRun, tmp_path: Path) -> None:
+    root = tmp_path / "ft"
+    shutil.copytree(tiny_run.root / "configs", root / "configs")
+    shutil.copytree(tiny_run.root / "models", root / "models")
+    config = yaml.safe_load((root / "configs" / "models" / "tiny-clf.yaml").read_text())
+    config["name"] = "tiny-ft"
+    config["source"] = {
+        "finetune": {"base": {"path": "../../models/tiny-embed"}, "epochs": 1, "max_seq_len": 32, "seed": 3}
+    }
+    config["candidates"] = ["fp32", "int8-qint8-per-channel"]
+    (root / "configs" / "models" / "tiny-ft.yaml").write_text(yaml.safe_dump(config))
+    service = yaml.safe_load((root / "configs" / "service.yaml").read_text())
+    service["models"] = ["models/tiny-ft.yaml"]
+    (root / "configs" / "service.yaml").write_text(yaml.safe_dump(service))
+
+    def optimize() -> dict:
+        done = memfit(
+            "optimize", "--service", str(root / "configs" / "service.yaml"), "--build-dir", str(root / "build")
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return load_approved(root / "artifacts" / "tiny-ft").manifest
+
+    manifest = optimize()
+    assert manifest["task"] == "text-classification" and manifest["runtime"]["labels"] == ["rotten", "fresh"]
+    assert manifest["source"]["kind"] == "finetune" and manifest["source"]["settings"]["seed"] == 3
+    trained = Path(manifest["source"]["path"])
+    assert (trained / "model.safetensors").is_file() and not (trained / "modules.json").exists()
+    stamp = (trained / "model.safetensors").stat().st_mtime_ns
+    assert optimize()["source"]["weights_sha256"] == manifest["source"]["weights_sha256"]  # seeded, cached
+    assert (trained / "model.safetensors").stat().st_mtime_ns == stamp

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pipeline.progress import quiet_logs
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class DynamicInt8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # The quantizer logs an advisory on the root logger for every call; keep the build output readable.
-        with quiet_root_logger():
+        with quiet_logs(""):
             quantize_dynamic(
                 model_in,
                 model_out,
@@ -52,14 +51,3 @@ class DynamicInt8:
                 # The fused graph carries contrib ops whose output types the quantizer cannot infer.
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
-
-
-@contextlib.contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.progress import quiet_logs
+
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
@@ -51,5 +53,6 @@ class WeightOnly:
             block_size=self.config.block_size, is_symmetric=self.config.symmetric, bits=self.config.bits
         )
         quantizer = MatMulNBitsQuantizer(onnx.load(str(model_in)), algo_config=algorithm)
-        quantizer.process()
+        with quiet_logs("", "onnxruntime.quantization.matmul_nbits_quantizer"):
+            quantizer.process()
         quantizer.model.save_model_to_file(str(model_out), use_external_data_format=False)

@@ -86,7 +86,8 @@ class LoadStage:
     name: str = "load"
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
-        folder, described = model_folder(self.source, context.config_path, context.work_dir.parent / "sources")
+        cache = context.work_dir.parent / "sources"
+        folder, described = model_folder(self.source, context.config_path, cache, state.dataset)
         weights = check_folder(folder)
         digest = hashlib.sha256()
         for path in weights:

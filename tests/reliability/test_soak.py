@@ -24,7 +24,8 @@ def test_soak_one_worker(minilm_run: MinilmRun) -> None:
     mix = request_mix(count, 8, config.limits.max_seq_len, seed=1, worst_every=50)
     for index in range(0, count, 50):
         mix[index] = mix[index][:1] * config.limits.max_batch
-    with GunicornService(SERVICE, env=minilm_run.env) as service:
+    # No max_requests recycling: a leak must show in the trend, not be reset by a fresh worker.
+    with GunicornService(SERVICE, env={**minilm_run.env, "MAX_REQUESTS": "0"}) as service:
         result = soak(service, "/api/embed", mix)
     print(f"soak: {result}")
     assert result["requests"] >= 10_000
