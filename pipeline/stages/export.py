@@ -74,7 +74,22 @@ class ExportStage:
             with atomic_dir(target) as tmp:
                 self._export(context, source, tmp, state)
         validation = read_json(target / VALIDATION_FILE)
+        self.check(context, validation)
         return replace(state, exported=ExportedModel(folder=target, validation=validation))
+
+    def check(self, context: BuildContext, validation: dict[str, float]) -> None:
+        """Fail closed on drift from PyTorch or SentenceTransformer (also for a cached export)."""
+        if validation["max_abs_diff"] > self.config.atol:
+            raise StageError(
+                f"{context.model.name}: ONNX export differs from PyTorch by {validation['max_abs_diff']:.2e} "
+                f"(> export.atol {self.config.atol:.0e}); refusing the export"
+            )
+        cosine = validation.get("min_cosine_vs_sentence_transformers")
+        if cosine is not None and cosine < self.config.min_reference_cosine:
+            raise StageError(
+                f"{context.model.name}: ONNX embeddings differ from SentenceTransformer "
+                f"(min cosine {cosine:.6f} < {self.config.min_reference_cosine}); refusing the export"
+            )
 
     def _export(self, context: BuildContext, source: SourceModel, out: Path, state: BuildState) -> None:
         from optimum.exporters.onnx import main_export
@@ -104,17 +119,6 @@ class ExportStage:
                 "examples": float(len(texts)),
                 "max_abs_diff": reference_outputs(source, context.model.task, runtime, texts),
             }
-            if validation["max_abs_diff"] > self.config.atol:
-                raise StageError(
-                    f"{context.model.name}: ONNX export differs from PyTorch by {validation['max_abs_diff']:.2e} "
-                    f"(> export.atol {self.config.atol:.0e}); refusing the export"
-                )
             if source.is_sentence_transformer:
                 validation["min_cosine_vs_sentence_transformers"] = sentence_transformer_cosine(source, runtime, texts)
-                if validation["min_cosine_vs_sentence_transformers"] < self.config.min_reference_cosine:
-                    raise StageError(
-                        f"{context.model.name}: ONNX embeddings differ from SentenceTransformer "
-                        f"(min cosine {validation['min_cosine_vs_sentence_transformers']:.6f} "
-                        f"< {self.config.min_reference_cosine}); refusing the export"
-                    )
         (out / VALIDATION_FILE).write_bytes(json_bytes(validation))
