@@ -47,7 +47,9 @@ def select(
     if not passing:
         return tuple(verdicts)
 
-    rss = {name: measurements[name].peak_rss_mb for name in passing}
+    # Memory is compared on the same input for all (the whole worst case in one run): a candidate that fits
+    # only with smaller micro-batches shows a low peak there, yet needs more memory for the same work.
+    rss = {name: measurements[name].worst_case_peak_mb for name in passing}
     p50 = {name: evaluations[name].latency_ms["p50"] for name in passing}
     primary, secondary, margin = (rss, p50, RSS_TIE) if objective == "lowest_peak_rss" else (p50, rss, LATENCY_TIE)
     floor = min(primary.values())

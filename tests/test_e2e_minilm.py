@@ -92,6 +92,7 @@ def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp
         f"peak {metrics['peak_rss_mb']} MB, predicted {metrics['memory_curve']['predicted_peak_mb']} MB"
     )
     assert metrics["worst_case_peak_mb"] > share  # the premise: the worst case in one run does not fit
+    assert m["variant"]["precision"] == "int8"  # least memory for the same input, not the smallest micro-batch
     assert 128 <= limits["max_tokens_per_run"] < 32 * 128
     assert metrics["peak_rss_mb"] <= share
     assert abs(metrics["memory_curve"]["prediction_error"]) <= 0.10

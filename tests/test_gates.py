@@ -59,6 +59,18 @@ def test_figures_within_noise_are_decided_by_the_other_objective() -> None:
     assert [v.variant for v in verdicts if v.chosen] == ["faster"]
 
 
+def test_memory_is_compared_on_the_same_input() -> None:
+    """fp32 fits only with small micro-batches (low peak there); int8 runs the whole worst case: int8 wins."""
+    curve = MemoryCurve.fit([(128, 100.0), (4096, 300.0)])
+    small_batches = Measurement(227.0, 227.0, 73.0, 160.0, 10, 128, 320.0, 239.6, curve)
+    whole = Measurement(240.0, 240.0, 73.0, 110.0, 32, 128, 240.0, 241.0, curve)
+    evaluations = {"fp32": evaluation(p50=3.5), "int8": evaluation(p50=2.0)}
+    verdicts = select(
+        ["fp32", "int8"], evaluations, {"fp32": small_batches, "int8": whole}, Gates(), 242, "lowest_peak_rss"
+    )
+    assert [v.variant for v in verdicts if v.chosen] == ["int8"]
+
+
 def test_nothing_chosen_when_nothing_passes() -> None:
     evaluations = {"a": evaluation(cosine=0.5)}
     verdicts = select(["a"], evaluations, {"a": measurement(100)}, Gates(), 464, "lowest_peak_rss")

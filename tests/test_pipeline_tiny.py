@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -88,25 +89,26 @@ def test_verify_command(tiny_run: TinyRun, tmp_path: Path) -> None:
     assert "verify tiny-clf: FAILED" in done.stdout and "model.onnx" in done.stdout
 
 
-def test_no_passing_candidate_exits_1_and_keeps_previous_approval(tiny_run: TinyRun, tmp_path: Path) -> None:
-    root = tmp_path / "strict"
-    shutil.copytree(tiny_run.root / "configs", root / "configs")
-    shutil.copytree(tiny_run.root / "models", root / "models")
-    shutil.copytree(tiny_run.artifacts, root / "artifacts")
+def rerun_tiny_embed(tiny_run: TinyRun, root: Path, **changes: object) -> subprocess.CompletedProcess[str]:
+    """Copy the tiny run (configs, models, artifacts) to `root`, change tiny-embed's config, re-optimize it."""
+    for name in ("configs", "models", "artifacts"):
+        shutil.copytree(tiny_run.root / name, root / name)
     config_path = root / "configs" / "models" / "tiny-embed.yaml"
     config = yaml.safe_load(config_path.read_text())
-    config["gates"]["min_mean_cosine"] = 1.0  # int8 can never be exactly fp32
-    config["candidates"] = ["int8-qint8-per-channel", "int8-qint8-per-tensor"]
+    config.update(changes)
     config_path.write_text(yaml.safe_dump(config))
-    before = (root / "artifacts" / "tiny-embed" / APPROVED_FILE).read_bytes()
-    done = memfit(
-        "optimize",
-        "--service",
-        str(root / "configs" / "service.yaml"),
-        "--model",
-        "tiny-embed",
-        "--build-dir",
-        str(tiny_run.root / "build"),
+    service = str(root / "configs" / "service.yaml")
+    return memfit(
+        "optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(tiny_run.root / "build")
+    )
+
+
+def test_no_passing_candidate_exits_1_and_keeps_previous_approval(tiny_run: TinyRun, tmp_path: Path) -> None:
+    root = tmp_path / "strict"
+    before = (tiny_run.artifacts / "tiny-embed" / APPROVED_FILE).read_bytes()
+    strict = {"max_metric_drop_pt": 100.0, "min_mean_cosine": 1.0, "min_overlap_at_10": 0.0}  # int8 is never fp32
+    done = rerun_tiny_embed(
+        tiny_run, root, gates=strict, candidates=["int8-qint8-per-channel", "int8-qint8-per-tensor"]
     )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()
@@ -118,21 +120,7 @@ def test_no_passing_candidate_exits_1_and_keeps_previous_approval(tiny_run: Tiny
 
 def test_weight_only_candidates_keep_fidelity(tiny_run: TinyRun, tmp_path: Path) -> None:
     root = tmp_path / "wo"
-    shutil.copytree(tiny_run.root / "configs", root / "configs")
-    shutil.copytree(tiny_run.root / "models", root / "models")
-    config_path = root / "configs" / "models" / "tiny-embed.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config["candidates"] = ["wo8-matmul-b32", "wo4-matmul-b32"]
-    config_path.write_text(yaml.safe_dump(config))
-    done = memfit(
-        "optimize",
-        "--service",
-        str(root / "configs" / "service.yaml"),
-        "--model",
-        "tiny-embed",
-        "--build-dir",
-        str(tiny_run.root / "build"),
-    )
+    done = rerun_tiny_embed(tiny_run, root, candidates=["wo8-matmul-b32", "wo4-matmul-b32"])
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {
         r["variant"]: r for r in json.loads((root / "artifacts" / "report.json").read_text())["models"][0]["candidates"]
