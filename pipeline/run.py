@@ -14,6 +14,7 @@ from pipeline.service_fit import measure_service, write_service_fit
 from pipeline.stages import StageError, default_pipeline
 from pipeline.state import BuildContext, BuildState
 from serve.artifacts import ArtifactError
+from serve.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ def sweep_leftovers(root: Path) -> None:
 
 def optimize(service_path: Path, only: list[str] | None = None, work_root: Path | None = None) -> list[ModelRun]:
     configs = LoadedConfigs(service_path)
+    names = [model.name for model, _ in configs.models]
+    unknown = [name for name in only or [] if name not in names]
+    if unknown:
+        raise ConfigError(f"--model {unknown[0]!r} is not a model of {service_path} ({', '.join(names)})")
     artifacts_root = configs.artifacts_dir
     work_root = work_root or artifacts_root.parent / "build"
     runs = []
