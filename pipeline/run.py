@@ -72,9 +72,9 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
         lines = []
         for run in refused:
             lines += [f"  {run.context.model.name}/{v.variant}: {'; '.join(v.failures)}" for v in run.state.verdicts]
-        names = ", ".join(run.context.model.name for run in refused)
+        refused_names = ", ".join(run.context.model.name for run in refused)
         raise StageError(
-            f"no candidate of {names} passes every gate; previous approval left untouched\n" + "\n".join(lines)
+            f"no candidate of {refused_names} passes every gate; previous approval left untouched\n" + "\n".join(lines)
         )
     if fit is not None and not fit["fits"]:
         raise StageError(
