@@ -66,9 +66,6 @@ class SessionSettings:
     def from_json(cls, data: dict[str, Any]) -> SessionSettings:
         return cls(**data)
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
     def build(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_num_threads
