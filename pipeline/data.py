@@ -5,10 +5,12 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import hashlib
 import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,16 @@ class Dataset:
     test: Split
     label_names: list[str]
     source: str
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of both splits' texts and labels: cached results keyed on it follow the data."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.test):
+            digest.update("\n".join(split.texts).encode())
+            digest.update(split.labels.tobytes())
+        digest.update("\n".join(self.label_names).encode())
+        return digest.hexdigest()
 
 
 def _open_text(path: Path) -> io.TextIOBase:

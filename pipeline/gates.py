@@ -5,24 +5,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.config import Gates
+from pipeline.fidelity import Fidelity
 from pipeline.state import Evaluation, Measurement, Verdict
 
 RSS_TIE = 0.02  # peak RSS repeats within ~1% here; 2% apart is not a real difference
 LATENCY_TIE = 0.10  # p50 on a shared 2-core machine drifts by several percent between runs
 
 
-def gate_failures(evaluation: Evaluation, measurement: Measurement, gates: Gates, share_mb: float) -> tuple[str, ...]:
-    """One readable reason per gate the candidate misses (empty when it passes every gate)."""
+def fidelity_failures(fidelity: Fidelity, gates: Gates) -> list[str]:
+    """The fidelity gates missed; shared by approval and the searches that aim at the same gates."""
+    failures = []
+    if fidelity.cosine_mean is not None and fidelity.cosine_mean < gates.min_mean_cosine:
+        failures.append(f"mean cosine {fidelity.cosine_mean:.4f} < {gates.min_mean_cosine}")
+    if fidelity.overlap_at_10 is not None and fidelity.overlap_at_10 < gates.min_overlap_at_10:
+        failures.append(f"overlap@10 {fidelity.overlap_at_10:.3f} < {gates.min_overlap_at_10}")
+    if fidelity.agreement is not None and fidelity.agreement < gates.min_agreement:
+        failures.append(f"agreement with fp32 {fidelity.agreement:.4f} < {gates.min_agreement}")
+    return failures
+
+
+def evaluation_failures(evaluation: Evaluation, gates: Gates) -> list[str]:
+    """Accuracy and fidelity gates missed on the test split."""
     failures = []
     drop = -evaluation.accuracy["delta"]
     if drop > gates.max_metric_drop_pt:
         failures.append(f"{evaluation.accuracy['metric']} drop {drop:.2f} pt > {gates.max_metric_drop_pt} pt")
-    if evaluation.cosine is not None and evaluation.cosine["mean"] < gates.min_mean_cosine:
-        failures.append(f"mean cosine {evaluation.cosine['mean']:.4f} < {gates.min_mean_cosine}")
-    if evaluation.neighbours is not None and evaluation.neighbours["overlap_at_10"] < gates.min_overlap_at_10:
-        failures.append(f"overlap@10 {evaluation.neighbours['overlap_at_10']:.3f} < {gates.min_overlap_at_10}")
-    if evaluation.agreement is not None and evaluation.agreement < gates.min_agreement:
-        failures.append(f"agreement with fp32 {evaluation.agreement:.4f} < {gates.min_agreement}")
+    return failures + fidelity_failures(evaluation.fidelity, gates)
+
+
+def gate_failures(evaluation: Evaluation, measurement: Measurement, gates: Gates, share_mb: float) -> tuple[str, ...]:
+    """One readable reason per gate the candidate misses (empty when it passes every gate)."""
+    failures = evaluation_failures(evaluation, gates)
     if measurement.peak_rss_mb > share_mb:
         failures.append(
             f"peak RSS {measurement.peak_rss_mb:.0f} MB > share {share_mb:.0f} MB "

@@ -38,6 +38,9 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "max_tokens_per_run": measurement.max_tokens_per_run,
                 "predicted_peak_mb": measurement.predicted_peak_mb,
                 "rss_after_load_mb": measurement.rss_after_load_mb,
+                "session_variant": measurement.session_variant,
+                "session_trials_mb": measurement.session_trials,
+                "search": candidate.search,
                 "p50_ms": evaluation.latency_ms["p50"],
                 "p95_ms": evaluation.latency_ms["p95"],
                 "throughput_per_s": evaluation.throughput,
@@ -64,13 +67,73 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def accuracy_lines(model: dict[str, Any]) -> list[str]:
+    """The task metric of fp32 and of the approved variant on the test split, side by side."""
+    approved = next((r for r in model["candidates"] if r["verdict"] == "approved"), None)
+    fp32 = next((r for r in model["candidates"] if r["variant"] == "fp32"), None)
+    if approved is None or fp32 is None:
+        return []
+    agreement = "" if approved["agreement"] is None else f", top-1 agreement with fp32 {approved['agreement']:.4f}"
+    return [
+        f"Test-split {fp32['metric']} ({fp32['n_test']} examples): fp32 {fp32['value']:.4f}, approved "
+        f"{approved['variant']} {approved['value']:.4f} (Δ {approved['delta_pt']:+.2f} pt){agreement}.",
+        "",
+    ]
+
+
+def session_lines(model: dict[str, Any]) -> list[str]:
+    """Worst-case peak of each candidate measured under each session-option variant."""
+    measured = [r for r in model["candidates"] if len(r["session_trials_mb"]) > 1]
+    if not measured:
+        return []
+    variants = list(measured[0]["session_trials_mb"])
+    lines = [
+        "Session options, worst-case peak RSS MB per variant (candidates that meet the fidelity gates):",
+        "",
+        "| variant | " + " | ".join(variants) + " | chosen |",
+        "|---|" + "---|" * (len(variants) + 1),
+    ]
+    for row in measured:
+        peaks = " | ".join(_fmt(row["session_trials_mb"].get(v), 1) for v in variants)
+        lines.append(f"| {row['variant']} | {peaks} | {row['session_variant']} |")
+    return [*lines, ""]
+
+
+def search_lines(model: dict[str, Any]) -> list[str]:
+    """Every trial of each calibrated search: how many nodes were kept fp32 and what that bought."""
+    lines = []
+    for row in model["candidates"]:
+        search = row["search"]
+        if not search:
+            continue
+        worst = ", ".join(f"{r['node']} ({r['relative_error']:.3f})" for r in search["ranking"][:3])
+        targets = ", ".join(f"{name} {value}" for name, value in search["targets"].items())
+        lines += [
+            f"Search for {row['variant']}: {len(search['ranking'])} nodes ranked by the model-output error when each "
+            f"alone is int8 (worst: {worst}); trials on {search['calibration_texts']} train-split texts against "
+            f"fp32, aiming at {targets}:",
+            "",
+            "| nodes kept fp32 | cos mean | cos min | overlap@10 | agreement | meets gates |",
+            "|---|---|---|---|---|---|",
+        ]
+        for trial in search["trials"]:
+            lines.append(
+                f"| {trial['kept_fp32']} | {_fmt(trial['cosine_mean'], 4)} | {_fmt(trial['cosine_min'], 4)} | "
+                f"{_fmt(trial['overlap_at_10'], 3)} | {_fmt(trial['agreement'], 4)} | "
+                f"{'yes' if trial['meets_gates'] else 'no'} |"
+            )
+        lines += ["", f"Kept fp32: {len(search['kept_fp32'])} of {len(search['ranking'])} nodes.", ""]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     service = report["service"]
     lines = [
         "# memfit report",
         "",
-        f"Created {report['created_at']}. Budget {service['budget_mb']:.0f} MB, share per model "
-        f"{service['share_mb']:.0f} MB; worst-case input {service['max_batch']} x {service['max_seq_len']} tokens.",
+        f"Created {report['created_at']}. Budget {service['budget_mb']:.0f} MB; worst-case input "
+        f"{service['max_batch']} x {service['max_seq_len']} tokens. A model's share is the peak RSS it may reach "
+        "measured alone; the whole-service fit below measures all of them together.",
         "Peak RSS is VmHWM of a fresh process that imports what a service worker imports. Worst-case peak: "
         "the whole worst-case input in one run; tokens/run: the micro-batch the service runs, the largest "
         "that fits the share (peak RSS measured there, the fitted curve's prediction in brackets).",
@@ -80,21 +143,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {model['model']} ({model['task']})",
             "",
-            f"Approved: **{model['approved'] or 'nothing (no candidate passed)'}**. Test examples: {model['n_test']}.",
+            f"Approved: **{model['approved'] or 'nothing (no candidate passed)'}**. Share {model['share_mb']:.0f} MB. "
+            f"Test examples: {model['n_test']}.",
             "",
-            "| variant | file MB | worst-case peak MB | tokens/run | peak RSS MB (predicted) | p50 ms | p95 ms "
-            "| metric | Δ pt | cos mean | cos min | overlap@10 | agreement | verdict | why |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | file MB | worst-case peak MB | session | tokens/run | peak RSS MB (predicted) | p50 ms "
+            "| p95 ms | metric | Δ pt | cos mean | cos min | overlap@10 | agreement | verdict | why |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in model["candidates"]:
             lines.append(
                 f"| {row['variant']} | {_fmt(row['file_mb'], 1)} | {_fmt(row['worst_case_peak_mb'], 1)} | "
-                f"{row['max_tokens_per_run']} | {_fmt(row['peak_rss_mb'], 1)} ({_fmt(row['predicted_peak_mb'], 1)}) | "
+                f"{row['session_variant']} | {row['max_tokens_per_run']} | "
+                f"{_fmt(row['peak_rss_mb'], 1)} ({_fmt(row['predicted_peak_mb'], 1)}) | "
                 f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | {_fmt(row['value'], 4)} | "
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )
-        lines.append("")
+        lines += ["", *accuracy_lines(model), *session_lines(model), *search_lines(model)]
     fit = report.get("service_fit")
     if fit:
         verdict = "fits" if fit["fits"] else "DOES NOT FIT"
@@ -149,7 +214,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axes.scatter([], [], color="grey", marker=marker, label=verdict)
     service = report["service"]
     axes.axvline(service["budget_mb"], color="red", linestyle="--", label=f"budget {service['budget_mb']:.0f} MB")
-    axes.axvline(service["share_mb"], color="orange", linestyle=":", label=f"share {service['share_mb']:.0f} MB")
+    for index, model in enumerate(report["models"]):
+        share = model["share_mb"]
+        axes.axvline(share, color=f"C{index}", linestyle=":", label=f"{model['model']} share {share:.0f} MB")
     axes.set_xlabel(f"peak RSS, MB (fresh process, {service['max_batch']} x {service['max_seq_len']} tokens)")
     axes.set_ylabel("task metric (probe accuracy / accuracy)")
     axes.set_title("memfit candidates: accuracy vs peak RSS")
@@ -169,7 +236,6 @@ def write_report(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "service": {
             "budget_mb": service.budget_mb,
-            "share_mb": service.model_share_mb,
             "max_batch": service.limits.max_batch,
             "max_seq_len": service.limits.max_seq_len,
         },
@@ -177,6 +243,7 @@ def write_report(
             {
                 "model": run.context.model.name,
                 "task": run.context.model.task,
+                "share_mb": run.context.share_mb,
                 "approved": run.state.approved.name if run.state.approved else None,
                 "n_test": len(run.state.dataset.test.texts) if run.state.dataset else 0,
                 "export_validation": run.state.exported.validation if run.state.exported else None,

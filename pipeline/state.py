@@ -6,12 +6,14 @@ passed through globals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import ResultCache
 from pipeline.config import ModelConfig, ServiceConfig
 from pipeline.data import Dataset
+from pipeline.fidelity import Fidelity
 from pipeline.memory_curve import MemoryCurve
 from serve.runtime import Pooling
 
@@ -30,6 +32,16 @@ class BuildContext:
     @property
     def max_tokens_per_run(self) -> int:
         return self.service.limits.max_batch * self.service.limits.max_seq_len
+
+    @property
+    def share_mb(self) -> float:
+        """Peak RSS this model may reach measured alone (see ServiceConfig.shares_mb)."""
+        return self.service.share_mb(self.model.name)
+
+    @property
+    def results(self) -> ResultCache:
+        """Per-candidate evaluations and measurements, keyed by what decides them (see pipeline.cache)."""
+        return ResultCache(self.work_dir / "results")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Candidate:
     folder: Path
     settings: dict[str, Any]
     file_mb: float
+    search: dict[str, Any] | None = None  # a calibrated pass's ranking and trials (search.json)
 
 
 @dataclass(frozen=True)
@@ -68,11 +81,23 @@ class Evaluation:
     latency_ms: dict[str, float]  # p50, p95 for one input
     throughput: float  # inputs/s over the test split
 
+    @property
+    def fidelity(self) -> Fidelity:
+        return Fidelity(
+            cosine_mean=self.cosine["mean"] if self.cosine else None,
+            cosine_min=self.cosine["min"] if self.cosine else None,
+            overlap_at_10=self.neighbours["overlap_at_10"] if self.neighbours else None,
+            agreement=self.agreement,
+        )
+
 
 @dataclass(frozen=True)
 class Measurement:
     """Peak RSS (VmHWM of a fresh probe process) at the micro-batch the service will run:
-    `batch` full-length rows of `seq_len` tokens."""
+    `batch` full-length rows of `seq_len` tokens, under the session options chosen by measurement.
+
+    A candidate that misses a fidelity gate is measured once, at the worst case, for the report;
+    `curve` and `predicted_peak_mb` are then None."""
 
     peak_rss_mb: float
     ru_maxrss_mb: float
@@ -81,16 +106,33 @@ class Measurement:
     batch: int
     seq_len: int
     worst_case_peak_mb: float  # at max_batch × max_seq_len in one run
-    predicted_peak_mb: float  # the fitted curve's prediction at batch × seq_len
-    curve: MemoryCurve
+    predicted_peak_mb: float | None  # the fitted curve's prediction at batch × seq_len
+    curve: MemoryCurve | None
+    session_variant: str
+    session_options: dict[str, Any]
+    session_trials: dict[str, float]  # session variant -> worst-case peak MB
 
     @property
     def max_tokens_per_run(self) -> int:
         return self.batch * self.seq_len
 
     @property
-    def prediction_error(self) -> float:
+    def prediction_error(self) -> float | None:
+        if self.predicted_peak_mb is None:
+            return None
         return (self.predicted_peak_mb - self.peak_rss_mb) / self.peak_rss_mb
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["curve"] = None if self.curve is None else asdict(self.curve)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurement:
+        curve = data["curve"]
+        if curve is not None:
+            curve = MemoryCurve(tuple((t, p) for t, p in curve["points"]), curve["base_mb"], curve["per_token_mb"])
+        return cls(**{**data, "curve": curve})
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ class ServiceConfig(StrictModel):
     budget_mb: float = Field(512, gt=0)
     headroom_mb: float = Field(48, ge=0)
     models: list[str] = Field(min_length=1)
+    # Peak RSS (MB) a model may reach measured alone, runtime floor included, by model name; a model
+    # not listed gets (budget_mb - headroom_mb) / number of models. The whole-service fit checks the sum.
+    shares_mb: dict[str, float] = Field(default_factory=dict)
     limits: Limits = Limits()
     artifacts_dir: str = "../artifacts"
 
@@ -106,10 +109,18 @@ class ServiceConfig(StrictModel):
             raise ValueError(f"must be smaller than budget_mb ({budget:g})")
         return value
 
-    @property
-    def model_share_mb(self) -> float:
-        """Peak RSS each model may use when measured alone: the budget less headroom, split evenly."""
-        return (self.budget_mb - self.headroom_mb) / len(self.models)
+    @field_validator("shares_mb")
+    @classmethod
+    def _positive_shares(cls, shares: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, share in shares.items() if share <= 0]
+        if bad:
+            raise ValueError(f"share of {bad[0]!r} must be more than 0 MB")
+        return shares
+
+    def share_mb(self, model: str) -> float:
+        """Peak RSS `model` may use when measured alone: its configured share, else an even split of
+        the budget less headroom."""
+        return self.shares_mb.get(model, (self.budget_mb - self.headroom_mb) / len(self.models))
 
 
 def load_service_config(path: str | Path) -> tuple[ServiceConfig, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,14 @@ BAD_MODELS = [
         "candidates",
         ["int4"],
         "field 'candidates': unknown candidate 'int4'; allowed: fp32, fp32-optimized, int8-qint8-per-channel, "
-        "int8-qint8-per-tensor, int8-quint8-per-channel, wo8-matmul-b32, wo4-matmul-b32, wo4-matmul-b128 "
-        "(got ['int4'])",
+        "int8-qint8-per-tensor, int8-quint8-per-channel, int8-mixed-qint8-per-channel, wo8-matmul-b32, "
+        "wo8-matmul-b32-int8-compute, wo4-matmul-b32, wo4-matmul-b128 (got ['int4'])",
+    ),
+    (
+        "session_variants",
+        ["arena-of"],
+        "field 'session_variants.0': must be 'configured', 'mem-pattern-on', 'arena-off' or 'prepacking-off' "
+        "(got 'arena-of')",
     ),
     ("name", "Bad Name", "field 'name': String should match pattern '^[a-z0-9][a-z0-9_-]{0,62}$' (got 'Bad Name')"),
     ("eval.labels", ["only-one"], "field 'eval.labels': List should have at least 2 items after validation, not 1"),
@@ -75,7 +82,7 @@ def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path) -> None:
         load_config(path, ModelConfig)
     assert str(caught.value) == (
         f"{path}: field 'colour': unknown key; allowed keys: candidates, eval, export, gates, measure_repeats, name, "
-        "objective, session_options, source, task"
+        "objective, session_options, session_variants, source, task"
     )
 
 
@@ -94,6 +101,10 @@ BAD_SERVICES = [
         "field 'limits.max_seq': unknown key; allowed keys: max_batch, max_body_bytes, max_seq_len, truncate",
     ),
     ({"budget_mb": "512MB", "models": ["a.yaml"]}, "field 'budget_mb': must be a valid number (got '512MB')"),
+    (
+        {"models": ["a.yaml"], "shares_mb": {"a": 0}},
+        "field 'shares_mb': share of 'a' must be more than 0 MB",
+    ),
 ]
 
 
@@ -139,7 +150,19 @@ def test_env_override_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_shipped_configs_are_valid() -> None:
     configs = LoadedConfigs(REPO / "configs/service.yaml")
     assert [m.name for m, _ in configs.models] == ["minilm"]
-    assert configs.service.budget_mb == 512
+    assert configs.service.budget_mb == 512 and configs.service.share_mb("minilm") == 512 - 48
+    full = LoadedConfigs(REPO / "configs/service-full.yaml")
+    assert [m.name for m, _ in full.models] == ["minilm", "mpnet", "sentiment"]
+    assert sum(full.service.shares_mb.values()) > full.service.budget_mb  # each share counts the runtime floor
+
+
+def test_share_for_a_model_the_service_does_not_host(tmp_path: Path) -> None:
+    service = REPO / "configs" / "service.yaml"
+    path = write(tmp_path, {**yaml.safe_load(service.read_text()), "shares_mb": {"mpnet": 300}}, "service.yaml")
+    shutil.copytree(REPO / "configs" / "models", tmp_path / "models")
+    with pytest.raises(ConfigError) as caught:
+        LoadedConfigs(path)
+    assert str(caught.value) == f"{path}: field 'shares_mb': 'mpnet' is not a model of this service (minilm)"
 
 
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -64,12 +64,13 @@ def test_report_lists_every_candidate_with_a_verdict(tiny_run: TinyRun) -> None:
             "fp32",
             "fp32-optimized",
             "int8-qint8-per-channel",
-            "int8-qint8-per-tensor",
-            "int8-quint8-per-channel",
+            "int8-mixed-qint8-per-channel",
+            "wo8-matmul-b32",
+            "wo8-matmul-b32-int8-compute",
         ]
         assert sum(row["verdict"] == "approved" for row in model["candidates"]) == 1
     markdown = (tiny_run.artifacts / "report.md").read_text()
-    assert "| variant | file MB | worst-case peak MB | tokens/run |" in markdown
+    assert "| variant | file MB | worst-case peak MB | session | tokens/run |" in markdown
     assert (tiny_run.artifacts / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

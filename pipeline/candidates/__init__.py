@@ -1,7 +1,7 @@
 """Registry of candidate passes: each turns a base ONNX model into one variant worth measuring.
 
-One file per kind of pass (graph optimization, quantization); this registry names the presets a
-model config may list under `candidates`.
+One file per kind of pass (graph optimization, dynamic int8, mixed precision, weight-only); this
+registry names the presets a model config may list under `candidates`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.candidates.mixed_precision import MIXED_PRECISION_PRESETS, Calibration, MixedPrecision
 from pipeline.candidates.optimize import GraphOptimization
 from pipeline.candidates.quantize import DYNAMIC_INT8_PRESETS, DynamicInt8
 from pipeline.candidates.weight_only import WEIGHT_ONLY_PRESETS, WeightOnly
+
+
+@dataclass(frozen=True)
+class PassJob:
+    """One pass run: `model_out` sits in the candidate's temp folder beside its tokenizer and runtime
+    spec; `calibration` is given to passes that search against fp32."""
+
+    model_in: Path
+    model_out: Path
+    model_type: str
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,8 @@ class CandidatePass:
     name: str
     base: str | None
     settings: dict[str, Any]
-    build: Callable[[Path, Path, str], None] | None  # (model_in, model_out, model_type); None: copy as is
+    build: Callable[[PassJob], None] | None  # None: copy the base model as is
+    calibrated: bool = False  # the pass searches on calibration texts against fp32
 
 
 def _registry() -> dict[str, CandidatePass]:
@@ -35,6 +48,9 @@ def _registry() -> dict[str, CandidatePass]:
     for name, config in DYNAMIC_INT8_PRESETS.items():
         quantizer = DynamicInt8(config)
         passes.append(CandidatePass(name, "fp32-optimized", quantizer.settings(), quantizer.apply))
+    for name, mixed_config in MIXED_PRECISION_PRESETS.items():
+        mixed = MixedPrecision(mixed_config)
+        passes.append(CandidatePass(name, "fp32-optimized", mixed.settings(), mixed.apply, calibrated=True))
     # Weight-only passes start from the unfused graph: fused attention would hide its MatMuls from them.
     for name, wo_config in WEIGHT_ONLY_PRESETS.items():
         weight_only = WeightOnly(wo_config)

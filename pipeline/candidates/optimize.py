@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.candidates import PassJob
 
 # Encoder-only families whose graphs the optimizer's BERT fusions understand.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
@@ -17,11 +19,11 @@ class GraphOptimization:
     def settings(self) -> dict[str, Any]:
         return {"precision": "fp32", "graph": "ort-transformers-optimizer", "opt_level": self.opt_level}
 
-    def apply(self, model_in: Path, model_out: Path, model_type: str) -> None:
+    def apply(self, job: PassJob) -> None:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        family = "bert" if model_type in BERT_LIKE else model_type
+        family = "bert" if job.model_type in BERT_LIKE else job.model_type
         optimized = optimize_model(
-            str(model_in), model_type=family, num_heads=0, hidden_size=0, opt_level=self.opt_level
+            str(job.model_in), model_type=family, num_heads=0, hidden_size=0, opt_level=self.opt_level
         )
-        optimized.save_model_to_file(str(model_out))
+        optimized.save_model_to_file(str(job.model_out))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.progress import quiet_logs
+
+if TYPE_CHECKING:
+    from pipeline.candidates import PassJob
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,11 @@ class DynamicInt8:
     def settings(self) -> dict[str, Any]:
         return {"precision": "int8", "method": "dynamic", **asdict(self.config)}
 
-    def apply(self, model_in: Path, model_out: Path, model_type: str) -> None:
+    def apply(self, job: PassJob) -> None:
+        self.quantize(job.model_in, job.model_out)
+
+    def quantize(self, model_in: Path, model_out: Path, keep_fp32: Sequence[str] = ()) -> None:
+        """Quantize every supported node except those named in `keep_fp32`."""
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -48,6 +56,7 @@ class DynamicInt8:
                 per_channel=self.config.per_channel,
                 reduce_range=self.config.reduce_range,
                 weight_type=QuantType[self.config.weight_type],
+                nodes_to_exclude=list(keep_fp32),
                 # The fused graph carries contrib ops whose output types the quantizer cannot infer.
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )

@@ -35,8 +35,8 @@ def default_pipeline(context: BuildContext) -> list[Stage]:
         DataStage(model.eval),
         LoadStage(model.source),
         ExportStage(model.export),
-        CandidatesStage(tuple(model.candidates)),
+        CandidatesStage(tuple(model.candidates), model.gates, model.eval.calibration_size),
         EvaluateStage(model.eval),
-        MeasureStage(model.session_options, model.measure_repeats),
+        MeasureStage(model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates),
         ApproveStage(model.gates, model.objective),
     ]

@@ -66,10 +66,12 @@ def build_manifest(
         "measured_at": {"batch": measurement.batch, "seq_len": measurement.seq_len},
         "worst_case_peak_mb": measurement.worst_case_peak_mb,
         "memory_curve": {
-            **measurement.curve.to_json(),
+            **(measurement.curve.to_json() if measurement.curve else {}),
             "predicted_peak_mb": measurement.predicted_peak_mb,
-            "prediction_error": round(measurement.prediction_error, 4),
+            "prediction_error": round(measurement.prediction_error or 0.0, 4),
         },
+        "session_variant": measurement.session_variant,
+        "session_trials_mb": measurement.session_trials,
         "accuracy": evaluation.accuracy,
         "latency_ms": evaluation.latency_ms,
         "throughput_per_s": evaluation.throughput,
@@ -87,14 +89,14 @@ def build_manifest(
         "variant": {"name": candidate.variant, **candidate.settings},
         "files": files,
         "runtime": read_json(candidate.folder / RUNTIME_FILE),
-        "session_options": context.model.session_options.model_dump(),
+        "session_options": measurement.session_options,
         "limits": {
             "max_batch": limits.max_batch,
             "max_seq_len": limits.max_seq_len,
             "max_tokens_per_run": measurement.max_tokens_per_run,
         },
         "budget_mb": context.service.budget_mb,
-        "budget_share_mb": context.service.model_share_mb,
+        "budget_share_mb": context.share_mb,
         "metrics": metrics,
         "gates": gates.model_dump(),
         "versions": versions(),
@@ -145,9 +147,7 @@ class ApproveStage:
         evaluations: dict[str, Evaluation] = state.require("evaluations")
         measurements: dict[str, Measurement] = state.require("measurements")
         eligible = [c.variant for c in state.candidates if c.variant in context.model.candidates]
-        verdicts = select(
-            eligible, evaluations, measurements, self.gates, context.service.model_share_mb, self.objective
-        )
+        verdicts = select(eligible, evaluations, measurements, self.gates, context.share_mb, self.objective)
         chosen = next((v.variant for v in verdicts if v.chosen), None)
         if chosen is None:
             return replace(state, verdicts=verdicts)

@@ -9,20 +9,23 @@ Classification: accuracy against the labels and top-1 agreement with fp32.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from pipeline.cache import cache_key
 from pipeline.config import EvalConfig
 from pipeline.data import Dataset
+from pipeline.fidelity import FidelityReference
 from pipeline.progress import bar
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation
+from serve.artifacts import sha256_file
 from serve.config import ConfigError
-from serve.runtime import ModelRuntime, SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
 
 CHUNK = 256
-NEIGHBOURS = 10
+EVALUATION_VERSION = 1  # bump when scoring changes: cached evaluations keyed on it are then recomputed
 
 
 def infer(runtime: ModelRuntime, texts: list[str], label: str) -> tuple[np.ndarray, float]:
@@ -46,36 +49,19 @@ def latency(runtime: ModelRuntime, texts: list[str]) -> dict[str, float]:
     }
 
 
-def cosine_to_reference(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    return (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
-
-
-def top_neighbours(vectors: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
-    """Each row's k nearest other rows by cosine (the row itself excluded), computed in blocks."""
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    result = np.empty((len(unit), k), dtype=np.int64)
-    for start in range(0, len(unit), 1024):
-        scores = unit[start : start + 1024] @ unit.T
-        rows = np.arange(scores.shape[0])
-        scores[rows, start + rows] = -np.inf
-        result[start : start + 1024] = np.argpartition(-scores, k, axis=1)[:, :k]
-    return result
-
-
-def neighbour_overlap(candidate: np.ndarray, reference_neighbours: np.ndarray) -> float:
-    mine = top_neighbours(candidate, reference_neighbours.shape[1])
-    shared = [len(set(a) & set(b)) for a, b in zip(mine, reference_neighbours, strict=True)]
-    return float(np.mean(shared)) / reference_neighbours.shape[1]
-
-
-@dataclass(frozen=True)
 class Reference:
-    """What fp32 produced: test outputs, its neighbour lists and the probe head trained on its vectors."""
+    """What fp32 produced on the test split (and, for embeddings, the probe head fit on its train-split
+    vectors): every candidate is scored against it."""
 
-    outputs: np.ndarray
-    neighbours: np.ndarray | None
-    predictions: np.ndarray
-    accuracy: float
+    def __init__(self, test: np.ndarray, train: np.ndarray | None, dataset: Dataset, context: BuildContext, seed: int):
+        self.fidelity = FidelityReference(test, embedding=train is not None)
+        self.train, self.dataset, self.context = train, dataset, context
+        self.probe = None if train is None else fit_probe(train, dataset.train.labels, seed)
+
+    def predictions(self, outputs: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+        if self.probe is not None:
+            return np.asarray(self.probe.predict(outputs))
+        return class_predictions(outputs, labels, self.dataset, self.context)
 
 
 @dataclass(frozen=True)
@@ -90,62 +76,66 @@ class EvaluateStage:
             candidate.folder, settings, limits.max_seq_len, context.max_tokens_per_run, limits.max_batch
         )
 
+    def key(self, context: BuildContext, dataset: Dataset, candidate: Candidate) -> str:
+        """Everything a candidate's scores depend on; the same key means the same scores."""
+        return cache_key(
+            version=EVALUATION_VERSION,
+            model=sha256_file(candidate.folder / MODEL_FILE),
+            data=dataset.fingerprint,
+            eval=self.config.model_dump(),
+            limits=context.service.limits.model_dump(),
+            session=context.model.session_options.model_dump(),
+        )
+
+    def reference(self, context: BuildContext, dataset: Dataset, fp32: Candidate) -> Reference:
+        embedding = context.model.task == "feature-extraction"
+        key = self.key(context, dataset, fp32)
+        arrays = context.results.get_arrays("reference", key)
+        if arrays is None:
+            runtime = self.runtime(context, fp32)
+            arrays = {"test": infer(runtime, dataset.test.texts, f"{context.model.name}: fp32 test outputs")[0]}
+            if embedding:
+                label = f"{context.model.name}: fp32 train vectors for the probe"
+                arrays["train"] = infer(runtime, dataset.train.texts, label)[0]
+            context.results.put_arrays("reference", key, arrays)
+        return Reference(arrays["test"], arrays.get("train"), dataset, context, self.config.seed)
+
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         dataset: Dataset = state.require("dataset")
         candidates: tuple[Candidate, ...] = state.require("candidates")
-        name = context.model.name
-        reference: Reference | None = None
-        probe = None
+        reference = self.reference(context, dataset, candidates[0])  # fp32 comes first
         evaluations = {}
-        for candidate in candidates:  # fp32 comes first
-            runtime = self.runtime(context, candidate)
-            outputs, throughput = infer(runtime, dataset.test.texts, f"{name}: evaluate {candidate.variant}")
-            if context.model.task == "feature-extraction":
-                if probe is None:
-                    train, _ = infer(runtime, dataset.train.texts, f"{name}: fp32 train vectors for the probe")
-                    probe = fit_probe(train, dataset.train.labels, self.config.seed)
-                predictions = probe.predict(outputs)
+        for candidate in candidates:
+            key = self.key(context, dataset, candidate)
+            cached = context.results.get("evaluation", key)
+            if cached is None:
+                evaluation = self.evaluate(context, dataset, reference, candidate)
+                context.results.put("evaluation", key, asdict(evaluation))
             else:
-                predictions = class_predictions(outputs, runtime.spec.labels, dataset, context)
-            accuracy = float((predictions == dataset.test.labels).mean())
-            if reference is None:
-                neighbours = top_neighbours(outputs) if context.model.task == "feature-extraction" else None
-                reference = Reference(outputs, neighbours, predictions, accuracy)
-            evaluations[candidate.variant] = self.score(
-                context, runtime, dataset, reference, outputs, predictions, accuracy, throughput
-            )
+                evaluation = Evaluation(**cached)
+            evaluations[candidate.variant] = evaluation
         return replace(state, evaluations=evaluations)
 
-    def score(
-        self,
-        context: BuildContext,
-        runtime: ModelRuntime,
-        dataset: Dataset,
-        reference: Reference,
-        outputs: np.ndarray,
-        predictions: np.ndarray,
-        accuracy: float,
-        throughput: float,
+    def evaluate(
+        self, context: BuildContext, dataset: Dataset, reference: Reference, candidate: Candidate
     ) -> Evaluation:
+        runtime = self.runtime(context, candidate)
+        label = f"{context.model.name}: evaluate {candidate.variant}"
+        outputs, throughput = infer(runtime, dataset.test.texts, label)
+        accuracy = float((reference.predictions(outputs, runtime.spec.labels) == dataset.test.labels).mean())
+        fp32_predictions = reference.predictions(reference.fidelity.outputs, runtime.spec.labels)
+        fp32_accuracy = float((fp32_predictions == dataset.test.labels).mean())
+        fidelity = reference.fidelity.compare(outputs)
         embedding = context.model.task == "feature-extraction"
-        cosine = neighbours = agreement = None
-        if embedding and reference.neighbours is not None:
-            cos = cosine_to_reference(outputs, reference.outputs)
-            cosine = {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)}
-            neighbours = {"overlap_at_10": round(neighbour_overlap(outputs, reference.neighbours), 4)}
-        else:
-            agreement = round(float((predictions == reference.predictions).mean()), 6)
         return Evaluation(
             accuracy={
                 "metric": "probe_accuracy" if embedding else "accuracy",
-                "reference": round(reference.accuracy, 6),
+                "reference": round(fp32_accuracy, 6),
                 "value": round(accuracy, 6),
-                "delta": round((accuracy - reference.accuracy) * 100, 3),
+                "delta": round((accuracy - fp32_accuracy) * 100, 3),
                 "n_test": len(dataset.test.texts),
             },
-            cosine=cosine,
-            neighbours=neighbours,
-            agreement=agreement,
+            **fidelity.evaluation_fields(),
             latency_ms=latency(runtime, dataset.test.texts[: self.config.latency_samples]),
             throughput=round(throughput, 1),
         )

@@ -1,10 +1,14 @@
-"""Peak RSS of each candidate, in a fresh process, as a function of input size, and the largest
-micro-batch (tokens per session run) that keeps it within the model's budget share.
+"""Peak RSS of each candidate, in a fresh process, as a function of input size, under the session
+options that measure lowest, and the largest micro-batch (tokens per session run) that keeps it within
+the model's budget share.
 
-A candidate whose worst-case input (max_batch × max_seq_len) fits is measured there. One that does
-not fit gets `max_tokens_per_run` from its fitted memory curve, verified by a real measurement (and
-stepped down until the measurement fits); the service then runs every request in micro-batches of
-at most that many tokens, so the proven peak holds for any accepted request.
+A candidate that meets the fidelity gates is measured at its worst-case input (max_batch ×
+max_seq_len) under each session-option variant; the lowest peak picks the variant (the configured one
+on a tie). A few more batch sizes fit the memory curve. If the worst case does not fit the share, the
+curve gives `max_tokens_per_run`, verified by a real measurement (and stepped down until the
+measurement fits); the service then runs every request in micro-batches of at most that many tokens,
+so the proven peak holds for any accepted request. A candidate that misses a fidelity gate cannot be
+approved: it is measured once, at the worst case, for the report. Results are cached per candidate.
 """
 
 from __future__ import annotations
@@ -12,39 +16,60 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.config import SessionConfig
+from pipeline.cache import cache_key
+from pipeline.config import SESSION_VARIANTS, Gates, SessionConfig, SessionVariant
+from pipeline.gates import RSS_TIE, evaluation_failures
 from pipeline.measure import ProbeError, run_probe
 from pipeline.memory_curve import MemoryCurve, curve_batches
 from pipeline.progress import bar
 from pipeline.stages import StageError
-from pipeline.state import BuildContext, BuildState, Candidate, Measurement
+from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement
+from serve.artifacts import sha256_file
+from serve.runtime import MODEL_FILE
+
+MEASUREMENT_VERSION = 2  # bump when probing changes: cached measurements keyed on it are then redone
 
 
 @dataclass(frozen=True)
 class MeasureStage:
     session: SessionConfig
+    variants: tuple[SessionVariant, ...]
     repeats: int
+    gates: Gates
     name: str = "measure"
 
-    def probe(self, context: BuildContext, candidate: Candidate, rows: int) -> dict[str, Any]:
+    def probe(self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int) -> dict[str, Any]:
         try:
-            model = {"folder": str(candidate.folder), "session_options": self.session.model_dump(), "batch": rows}
+            model = {"folder": str(candidate.folder), "session_options": options, "batch": rows}
             return run_probe([model], seq_len=context.service.limits.max_seq_len, repeats=self.repeats)
         except ProbeError as exc:
             raise StageError(f"{context.model.name}: {candidate.variant}: {exc}") from None
 
-    def measure(self, context: BuildContext, candidate: Candidate) -> Measurement:
+    def options(self, variant: SessionVariant) -> dict[str, Any]:
+        return {**self.session.model_dump(), **SESSION_VARIANTS[variant]}
+
+    def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
         limits = context.service.limits
-        share = context.service.model_share_mb
-        results = {rows: self.probe(context, candidate, rows) for rows in curve_batches(limits.max_batch)}
-        curve = MemoryCurve.fit([(rows * limits.max_seq_len, r["vmhwm_mb"]) for rows, r in results.items()])
-        rows = limits.max_batch
-        if results[rows]["vmhwm_mb"] > share:
-            rows = max(1, curve.rows_within(share, limits.max_seq_len, limits.max_batch))
-            results[rows] = results.get(rows) or self.probe(context, candidate, rows)
-            while rows > 1 and results[rows]["vmhwm_mb"] > share:  # the fit was optimistic: measure less
-                rows -= 1
-                results[rows] = results.get(rows) or self.probe(context, candidate, rows)
+        share = context.share_mb
+        worst = limits.max_batch
+        variants = self.variants if full else ("configured",)
+        trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
+        floor = min(r["vmhwm_mb"] for r in trials.values())
+        variant = next(v for v in trials if trials[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
+        options = self.options(variant)
+        results = {worst: trials[variant]}
+        curve = None
+        rows = worst
+        if full:
+            for batch in curve_batches(worst):
+                results[batch] = results.get(batch) or self.probe(context, candidate, options, batch)
+            curve = MemoryCurve.fit(sorted((r * limits.max_seq_len, res["vmhwm_mb"]) for r, res in results.items()))
+            if results[worst]["vmhwm_mb"] > share:
+                rows = max(1, curve.rows_within(share, limits.max_seq_len, worst))
+                results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
+                while rows > 1 and results[rows]["vmhwm_mb"] > share:  # the fit was optimistic: measure less
+                    rows -= 1
+                    results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
         chosen = results[rows]
         return Measurement(
             peak_rss_mb=chosen["vmhwm_mb"],
@@ -53,13 +78,38 @@ class MeasureStage:
             rss_after_load_mb=chosen["rss_after_load_mb"],
             batch=rows,
             seq_len=limits.max_seq_len,
-            worst_case_peak_mb=results[limits.max_batch]["vmhwm_mb"],
-            predicted_peak_mb=round(curve.predict(rows * limits.max_seq_len), 1),
+            worst_case_peak_mb=results[worst]["vmhwm_mb"],
+            predicted_peak_mb=None if curve is None else round(curve.predict(rows * limits.max_seq_len), 1),
             curve=curve,
+            session_variant=variant,
+            session_options=options,
+            session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
         )
+
+    def cached(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
+        key = cache_key(
+            version=MEASUREMENT_VERSION,
+            model=sha256_file(candidate.folder / MODEL_FILE),
+            full=full,
+            session=self.session.model_dump(),
+            variants=self.variants,
+            repeats=self.repeats,
+            limits=context.service.limits.model_dump(),
+            share_mb=context.share_mb,
+        )
+        found = context.results.get("measurement", key)
+        if found is not None:
+            return Measurement.from_json(found)
+        measurement = self.measure(context, candidate, full)
+        context.results.put("measurement", key, measurement.to_json())
+        return measurement
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         candidates: tuple[Candidate, ...] = state.require("candidates")
+        evaluations: dict[str, Evaluation] = state.require("evaluations")
         label = f"{context.model.name}: measure peak RSS"
-        measurements = {c.variant: self.measure(context, c) for c in bar(candidates, label)}
+        measurements = {
+            c.variant: self.cached(context, c, full=not evaluation_failures(evaluations[c.variant], self.gates))
+            for c in bar(candidates, label)
+        }
         return replace(state, measurements=measurements)

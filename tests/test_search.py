@@ -1,0 +1,174 @@
+"""The accuracy-aware search: node ranking, the bisection for the fewest fp32 nodes, session-option
+variants and per-candidate result caching (tiny models for plumbing; real figures come from e2e runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.candidates import CANDIDATES, PassJob
+from pipeline.candidates.mixed_precision import (
+    SEARCH_FILE,
+    Calibration,
+    MixedPrecision,
+    MixedPrecisionConfig,
+    fake_quantize,
+    fewest_passing,
+    first_output,
+    quantized_alone,
+    rank_nodes,
+)
+from pipeline.candidates.quantize import DynamicInt8Config
+from pipeline.config import Gates
+from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
+from tests.conftest import TinyRun
+from tests.helpers import memfit
+
+TEXTS = tuple(
+    f"review number {i}: {'good' if i % 2 else 'dull'} film, {'great' if i % 3 else 'weak'} cast" for i in range(96)
+)
+MIXED = MixedPrecisionConfig(DynamicInt8Config("QInt8", per_channel=True), ranking_texts=16)
+
+
+@pytest.mark.parametrize("total", [1, 5, 72])
+def test_fewest_passing_finds_the_threshold_in_few_trials(total: int) -> None:
+    for threshold in range(total + 2):
+        calls: list[int] = []
+
+        def passes(k: int, threshold: int = threshold, calls: list[int] = calls) -> bool:
+            calls.append(k)
+            return k >= threshold
+
+        assert fewest_passing(total, passes) == min(threshold, total)
+        assert len(calls) <= 2 + math.ceil(math.log2(total)) + 1
+        assert len(set(calls)) == len(calls)  # no trial is repeated
+
+
+def test_fake_quantize_rounds_within_half_a_step_and_keeps_zero() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 16)).astype(np.float32)
+    weight[:, 3] *= 100  # one loud column must not coarsen the others' scale (per channel)
+    per_channel = fake_quantize(weight, signed=True, axis=0)
+    steps = np.abs(weight).max(axis=0) / 127
+    assert np.all(np.abs(per_channel - weight) <= steps / 2 + 1e-6)
+    activation = np.concatenate([rng.uniform(0.5, 3, 100), [0.0]]).astype(np.float32)
+    unsigned = fake_quantize(activation, signed=False, axis=None)
+    assert unsigned[-1] == 0.0  # zero (padding, ReLU output) is exactly representable
+    assert np.abs(unsigned - activation).max() <= 3 / 255 / 2 + 1e-6
+    assert np.all(fake_quantize(np.zeros((4, 4), np.float32), signed=True, axis=0) == 0)
+
+
+def test_search_aims_closer_to_fp32_than_the_gates() -> None:
+    targets = MIXED.targets(Gates(min_mean_cosine=0.995, min_overlap_at_10=0.90, min_agreement=0.99))
+    assert (targets.min_mean_cosine, targets.min_overlap_at_10, targets.min_agreement) == (0.996, 0.92, 0.992)
+    assert targets.max_metric_drop_pt == Gates().max_metric_drop_pt
+
+
+def optimized_model(tiny_run: TinyRun, name: str = "tiny-embed") -> Path:
+    return next((tiny_run.root / "build" / name).glob("*/candidates/fp32-optimized"))
+
+
+def calibration(tiny_run: TinyRun, gates: Gates) -> Calibration:
+    reference = next((tiny_run.root / "build" / "tiny-embed").glob("*/candidates/fp32"))
+    return Calibration(TEXTS, reference, 64, gates)
+
+
+def test_quantized_alone_changes_one_node_and_restores_the_graph(tiny_run: TinyRun) -> None:
+    import onnx
+
+    model = onnx.load(str(optimized_model(tiny_run) / MODEL_FILE))
+    before = model.SerializeToString()
+    runtime = ModelRuntime(optimized_model(tiny_run), SessionSettings(), 64, 512)
+    feeds = runtime.feeds(runtime.encode(list(TEXTS[:8])))
+    reference = first_output(model, feeds)
+    weights = {w.name: w for w in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights)
+    with quantized_alone(model, node, weights[node.input[1]], MIXED):
+        changed = first_output(model, feeds)
+    assert 0 < np.abs(changed - reference).max() < 0.5 * np.abs(reference).max()
+    assert model.SerializeToString() == before
+
+
+def test_ranking_scores_every_weighted_node(tiny_run: TinyRun) -> None:
+    ranking = rank_nodes(optimized_model(tiny_run) / MODEL_FILE, calibration(tiny_run, Gates()), MIXED)
+    errors = [error for _, error in ranking]
+    assert errors == sorted(errors, reverse=True) and all(e > 0 for e in errors)
+    assert len(ranking) == 2 * 4  # per layer: fused attention + 3 MatMuls (o, intermediate, output)
+
+
+def run_search(tiny_run: TinyRun, folder: Path, gates: Gates) -> dict:
+    source = optimized_model(tiny_run)
+    folder.mkdir()
+    for name in ("tokenizer.json", "runtime.json"):
+        shutil.copy2(source / name, folder / name)
+    job = PassJob(source / MODEL_FILE, folder / MODEL_FILE, "bert", calibration(tiny_run, gates))
+    MixedPrecision(MIXED).apply(job)
+    assert (folder / MODEL_FILE).is_file() and not list(folder.glob("trial-*"))
+    return json.loads((folder / SEARCH_FILE).read_text())
+
+
+def test_search_stops_at_plain_int8_or_keeps_everything_fp32(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """Plumbing only: tiny random weights barely notice int8 (cosine 0.99998), so the real bisection is
+    checked on MiniLM (tests/test_e2e_minilm.py)."""
+    loose = run_search(tiny_run, tmp_path / "loose", Gates(min_mean_cosine=0.0, min_overlap_at_10=0.0))
+    assert loose["kept_fp32"] == [] and [t["kept_fp32"] for t in loose["trials"]] == [0]
+    impossible = run_search(tiny_run, tmp_path / "impossible", Gates(min_mean_cosine=1.0, min_overlap_at_10=0.0))
+    total = len(impossible["ranking"])
+    assert [t["kept_fp32"] for t in impossible["trials"]] == [0, total]
+    assert not any(t["meets_gates"] for t in impossible["trials"])
+    assert impossible["kept_fp32"] == [r["node"] for r in impossible["ranking"]]
+
+
+def test_mixed_candidate_is_rebuilt_when_its_targets_change(tiny_run: TinyRun) -> None:
+    settings = json.loads(
+        (optimized_model(tiny_run).parent / "int8-mixed-qint8-per-channel" / "settings.json").read_text()
+    )
+    assert settings["calibration"]["targets"]["min_mean_cosine"] == 0.0  # the tiny configs' lenient gates
+    assert settings["calibration"]["texts"] == 300  # the whole (tiny) train split
+    assert CANDIDATES["int8-mixed-qint8-per-channel"].calibrated
+
+
+def test_report_shows_session_trials_and_the_search(tiny_run: TinyRun) -> None:
+    report = json.loads((tiny_run.artifacts / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["models"][0]["candidates"]}
+    for row in rows.values():  # lenient gates: every candidate meets fidelity, so all variants are tried
+        assert set(row["session_trials_mb"]) == {"configured", "mem-pattern-on", "arena-off", "prepacking-off"}
+        best = min(row["session_trials_mb"].values())
+        assert row["session_trials_mb"][row["session_variant"]] <= best * 1.02
+    assert rows["int8-mixed-qint8-per-channel"]["search"]["trials"]
+    markdown = (tiny_run.artifacts / "report.md").read_text()
+    assert "Session options, worst-case peak RSS MB per variant" in markdown
+    assert "Search for int8-mixed-qint8-per-channel" in markdown
+    manifest = json.loads(next((tiny_run.artifacts / "tiny-embed").glob("*/manifest.json")).read_text())
+    chosen = rows[manifest["variant"]["name"]]
+    assert manifest["metrics"]["session_variant"] == chosen["session_variant"]
+
+
+def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_run: TinyRun, tmp_path: Path) -> None:
+    root = tmp_path / "cached"
+    for name in ("configs", "models"):
+        shutil.copytree(tiny_run.root / name, root / name)
+    shutil.copytree(tiny_run.root / "build", root / "build")
+    service = str(root / "configs" / "service.yaml")
+    results = root / "build" / "tiny-embed" / "results"
+    before = {p.name for p in results.iterdir()}
+    done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in results.iterdir()} == before  # every evaluation and measurement was a cache hit
+
+    config_path = root / "configs" / "models" / "tiny-embed.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["session_variants"] = ["configured", "arena-off"]
+    config_path.write_text(yaml.safe_dump(config))
+    done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    added = {p.name for p in results.iterdir()} - before
+    assert added and all(name.startswith("measurement-") for name in added)
+    report = json.loads((root / "artifacts" / "report.json").read_text())
+    assert all(set(r["session_trials_mb"]) == {"configured", "arena-off"} for r in report["models"][0]["candidates"])
