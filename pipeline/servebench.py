@@ -60,8 +60,11 @@ class GunicornService:
         python: str = sys.executable,
         ready_timeout: float = 120.0,
         app: str = "serve.app:create_app()",
+        config_file: Path = PROJECT_ROOT / "serve" / "gunicorn.conf.py",
     ):
         self.app = app
+        self.config_file = config_file
+        self.cold_start_s: float | None = None  # process start to the first ready answer
         self.port = free_port()
         self.service_config = service_config
         self.env = {**os.environ, "SERVICE_CONFIG": str(service_config), "WORKERS": "1", **(env or {})}
@@ -76,7 +79,7 @@ class GunicornService:
             "-m",
             "gunicorn",
             "-c",
-            str(PROJECT_ROOT / "serve" / "gunicorn.conf.py"),
+            str(self.config_file),
             "--bind",
             f"127.0.0.1:{self.port}",
             self.app,
@@ -85,7 +88,7 @@ class GunicornService:
     def start(self, wait_ready: bool = True) -> GunicornService:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
-        self.wait_until(200 if wait_ready else None)
+        self.cold_start_s = self.wait_until(200 if wait_ready else None)
         return self
 
     def wait_until(self, ready_status: int | None) -> float:
@@ -165,6 +168,7 @@ class MemorySampler:
     master_pid: int
     interval: float = 0.01
     samples: list[dict[str, float]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -184,6 +188,7 @@ class MemorySampler:
         while not self._stop.is_set():
             with contextlib.suppress(OSError, KeyError):
                 self.samples.append(self.sample())
+                self.times.append(time.monotonic())
             time.sleep(self.interval)
 
     def __enter__(self) -> MemorySampler:
@@ -199,20 +204,27 @@ class MemorySampler:
     def peak(self) -> dict[str, float]:
         return {key: round(max(s[key] for s in self.samples), 1) for key in self.samples[0]}
 
+    def max_gap_ms(self) -> float:
+        """Longest time between two samples: a peak shorter than this could go unseen."""
+        gaps = np.diff(self.times) if len(self.times) > 1 else np.array([0.0])
+        return round(float(gaps.max()) * 1000, 1)
 
-def request_mix(count: int, max_batch: int, max_seq_len: int, seed: int = 0, worst_every: int = 10) -> list[list[str]]:
-    """`count` requests of 1..max_batch texts, 1..max_seq_len-2 words (one token each for these words);
-    every `worst_every`-th request is the worst case the service accepts: max_batch × max_seq_len tokens."""
+
+def request_mix(
+    count: int, max_batch: int, max_seq_len: int, seed: int = 0, worst_every: int = 10, max_words: int | None = None
+) -> list[list[str]]:
+    """`count` requests of 1..max_batch texts, 1..max_seq_len-2 words (one token each for these words;
+    at most `max_words`); every `worst_every`-th request is the worst case the service accepts:
+    max_batch × max_seq_len tokens."""
     rng = random.Random(seed)
+    longest = min(max_seq_len - 2, max_words or max_seq_len)
     requests = []
     for index in range(count):
         if index % worst_every == 0:
             requests.append([" ".join(rng.choice(WORDS) for _ in range(max_seq_len - 2))] * max_batch)
             continue
         batch = rng.randint(1, max_batch)
-        requests.append(
-            [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len - 2))) for _ in range(batch)]
-        )
+        requests.append([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, longest))) for _ in range(batch)])
     return requests
 
 
@@ -263,23 +275,56 @@ def soak(service: GunicornService, path: str, requests: list[list[str]], every: 
     }
 
 
+ENDPOINTS = {"feature-extraction": "/api/embed", "text-classification": "/api/classify"}
+
+
 def serve_bench(service_config: Path, requests: int = 500, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Idle and peak RSS/PSS of master + worker, latency and throughput under the request mix."""
+    """Idle and peak RSS/PSS of master + worker, latency and throughput while every served model gets
+    `requests` mixed requests, interleaved across models, every 10th the largest the service accepts."""
     from serve.config import load_service_config
 
     config, _ = load_service_config(service_config)
+    limits = config.limits
     with GunicornService(service_config, env=env) as service:
         time.sleep(0.5)
         idle = MemorySampler(service.master_pid).sample()
-        mix = request_mix(requests, config.limits.max_batch, config.limits.max_seq_len)
+        models = service.request("GET", "/api/models").body["models"]
+        mixes = [request_mix(requests, limits.max_batch, limits.max_seq_len, seed=i) for i in range(len(models))]
+        latencies: dict[str, list[float]] = {m["name"]: [] for m in models}
+        failures: list[tuple[str, int, Any]] = []
+        started = time.perf_counter()
         with MemorySampler(service.master_pid) as sampler:
-            load = run_mix(service, "/api/embed", mix)
-        worker = service.worker_pids()[0]
-        worker_hwm = status_mb("VmHWM", worker)
+            for index in range(requests):
+                for model, mix in zip(models, mixes, strict=True):
+                    body = {"inputs": mix[index], "model": model["name"]}
+                    reply = service.request("POST", ENDPOINTS[model["task"]], body)
+                    latencies[model["name"]].append(reply.seconds * 1000)
+                    if reply.status != 200:
+                        failures.append((model["name"], reply.status, reply.body))
+        elapsed = time.perf_counter() - started
+        worker_hwm = status_mb("VmHWM", service.worker_pids()[0])
+    every = [ms for values in latencies.values() for ms in values]
+    peak = sampler.peak()
     return {
         "idle": {key: round(value, 1) for key, value in idle.items()},
-        "peak": sampler.peak(),
+        "peak": peak,
         "worker_vmhwm_mb": round(worker_hwm, 1),
         "samples": len(sampler.samples),
-        **load,
+        "max_sample_gap_ms": sampler.max_gap_ms(),
+        "budget_mb": config.budget_mb,
+        "fits": peak["total_rss"] <= config.budget_mb,
+        "largest_request": f"{limits.max_batch} x {limits.max_seq_len} tokens",
+        "requests": len(every),
+        "requests_per_s": round(len(every) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(every, 50)), 2),
+        "p95_ms": round(float(np.percentile(every, 95)), 2),
+        "failures": failures,
+        "models": {
+            name: {
+                "requests": len(values),
+                "p50_ms": round(float(np.percentile(values, 50)), 2),
+                "p95_ms": round(float(np.percentile(values, 95)), 2),
+            }
+            for name, values in latencies.items()
+        },
     }

@@ -7,6 +7,8 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +27,9 @@ from pipeline.candidates.mixed_precision import (
     rank_nodes,
 )
 from pipeline.candidates.quantize import DynamicInt8Config
-from pipeline.config import Gates
+from pipeline.config import SESSION_VARIANTS, Gates, SessionConfig
+from pipeline.stages.measure import MeasureStage
+from serve.config import Limits
 from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
 from tests.conftest import TinyRun
 from tests.helpers import memfit
@@ -172,3 +176,37 @@ def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_ru
     assert added and all(name.startswith("measurement-") for name in added)
     report = json.loads((root / "artifacts" / "report.json").read_text())
     assert all(set(r["session_trials_mb"]) == {"configured", "arena-off"} for r in report["models"][0]["candidates"])
+
+
+def fake_probes(peaks: dict[tuple[str, int], float]) -> Any:
+    """A MeasureStage.probe that answers from a table of (session variant, rows) -> peak MB."""
+    by_options = {
+        json.dumps(MeasureStage(SessionConfig(), (), 1, Gates()).options(v), sort_keys=True): v
+        for v in SESSION_VARIANTS
+    }
+
+    def probe(self: MeasureStage, context: Any, candidate: Any, options: dict[str, Any], rows: int) -> dict:
+        peak = peaks[(by_options[json.dumps(options, sort_keys=True)], rows)]
+        return {"vmhwm_mb": peak, "ru_maxrss_mb": peak, "rss_after_imports_mb": 70.0, "rss_after_load_mb": 100.0}
+
+    return probe
+
+
+def test_session_variant_is_picked_where_the_service_will_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worst case fits: the lowest worst-case peak wins. It does not: the lowest one-row peak wins,
+    because the service will run small micro-batches, where the base decides how many rows fit."""
+    context = SimpleNamespace(service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)), share_mb=300.0)
+    stage = MeasureStage(SessionConfig(), ("configured", "mem-pattern-on", "prepacking-off"), 1, Gates())
+    peaks = {("configured", 8): 280.0, ("mem-pattern-on", 8): 250.0, ("prepacking-off", 8): 290.0}
+    monkeypatch.setattr(MeasureStage, "probe", fake_probes(peaks))
+    variant, probes, worst = stage.pick_variant(context, None, full=True)  # type: ignore[arg-type]
+    assert variant == "mem-pattern-on" and set(probes) == {8} and worst["configured"] == 280.0
+
+    context.share_mb = 200.0  # no variant fits at the worst case
+    peaks |= {("configured", 1): 160.0, ("mem-pattern-on", 1): 175.0, ("prepacking-off", 1): 140.0}
+    variant, probes, worst = stage.pick_variant(context, None, full=True)  # type: ignore[arg-type]
+    assert variant == "prepacking-off" and probes[1]["vmhwm_mb"] == 140.0 and probes[8]["vmhwm_mb"] == 290.0
+    assert worst == {"configured": 280.0, "mem-pattern-on": 250.0, "prepacking-off": 290.0}
+
+    variant, probes, worst = stage.pick_variant(context, None, full=False)  # type: ignore[arg-type]
+    assert variant == "configured" and set(worst) == {"configured"}  # failed fidelity: one probe

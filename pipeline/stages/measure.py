@@ -4,11 +4,13 @@ the model's budget share.
 
 A candidate that meets the fidelity gates is measured at its worst-case input (max_batch ×
 max_seq_len) under each session-option variant; the lowest peak picks the variant (the configured one
-on a tie). A few more batch sizes fit the memory curve. If the worst case does not fit the share, the
-curve gives `max_tokens_per_run`, verified by a real measurement (and stepped down until the
-measurement fits); the service then runs every request in micro-batches of at most that many tokens,
-so the proven peak holds for any accepted request. A candidate that misses a fidelity gate cannot be
-approved: it is measured once, at the worst case, for the report. Results are cached per candidate.
+on a tie), or, when no variant fits the share at the worst case, the lowest peak at one row (the
+service will then run small micro-batches, where the base counts). A few more batch sizes fit the
+memory curve. If the worst case does not fit the share, the curve gives `max_tokens_per_run`,
+verified by a real measurement (and stepped down until the measurement fits); the service then runs
+every request in micro-batches of at most that many tokens, so the proven peak holds for any accepted
+request. A candidate that misses a fidelity gate cannot be approved: it is measured once, at the worst
+case, for the report. Results are cached per candidate.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Meas
 from serve.artifacts import sha256_file
 from serve.runtime import MODEL_FILE
 
-MEASUREMENT_VERSION = 2  # bump when probing changes: cached measurements keyed on it are then redone
+MEASUREMENT_VERSION = 3  # bump when probing changes: cached measurements keyed on it are then redone
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,29 @@ class MeasureStage:
     def options(self, variant: SessionVariant) -> dict[str, Any]:
         return {**self.session.model_dump(), **SESSION_VARIANTS[variant]}
 
+    def pick_variant(
+        self, context: BuildContext, candidate: Candidate, full: bool
+    ) -> tuple[SessionVariant, dict[int, dict[str, Any]], dict[str, float]]:
+        """The session variant to measure further, its probes so far (by rows) and every variant's
+        worst-case peak. When even the best worst case misses the share, the service will run small
+        micro-batches, so the variants are compared again at one row: the lowest base fits the most rows."""
+        worst = context.service.limits.max_batch
+        variants = self.variants if full else ("configured",)
+        trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
+        compared = trials
+        if full and min(r["vmhwm_mb"] for r in trials.values()) > context.share_mb:
+            compared = {v: self.probe(context, candidate, self.options(v), 1) for v in variants}
+        floor = min(r["vmhwm_mb"] for r in compared.values())
+        variant = next(v for v in variants if compared[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
+        probes = {worst: trials[variant]} | ({1: compared[variant]} if compared is not trials else {})
+        return variant, probes, {v: r["vmhwm_mb"] for v, r in trials.items()}
+
     def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
         limits = context.service.limits
         share = context.share_mb
         worst = limits.max_batch
-        variants = self.variants if full else ("configured",)
-        trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
-        floor = min(r["vmhwm_mb"] for r in trials.values())
-        variant = next(v for v in trials if trials[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
+        variant, results, worst_peaks = self.pick_variant(context, candidate, full)
         options = self.options(variant)
-        results = {worst: trials[variant]}
         curve = None
         rows = worst
         if full:
@@ -83,7 +98,7 @@ class MeasureStage:
             curve=curve,
             session_variant=variant,
             session_options=options,
-            session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
+            session_trials=worst_peaks,
         )
 
     def cached(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
