@@ -6,7 +6,8 @@ min–max over rounds, and as a ratio to memfit measured in the same run (absolu
 machine drift; ratios hold). Accuracy and fidelity come from the first round's vectors: a logistic
 probe fit on torch-fp32 train vectors scores every contender's test vectors.
 
-Usage: python -m benchmarks.run [--service configs/service-full.yaml] [--models minilm mpnet] [--rounds 3]
+Usage: python -m benchmarks.run [--services configs/service.yaml configs/service-mpnet.yaml] [--rounds 3]
+(every model of each service, each served alone from that service's approval)
 """
 
 from __future__ import annotations
@@ -235,15 +236,18 @@ def versions() -> dict[str, str | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--service", default="configs/service-full.yaml")
-    parser.add_argument("--models", nargs="+", default=["minilm", "mpnet"])
+    parser.add_argument("--services", nargs="+", default=["configs/service.yaml", "configs/service-mpnet.yaml"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", default="build/bench")
     args = parser.parse_args()
-    configs = LoadedConfigs(args.service)
+    services = [LoadedConfigs(path) for path in args.services]
     started = datetime.now(UTC)
-    models = [bench_model(configs, name, args.rounds, Path(args.work)) for name in args.models]
+    models = [
+        bench_model(configs, model.name, args.rounds, Path(args.work))
+        for configs in services
+        for model, _ in configs.models
+    ]
     results = {
         "created_at": started.isoformat(timespec="seconds"),
         "minutes": round((datetime.now(UTC) - started).total_seconds() / 60, 1),
@@ -260,7 +264,7 @@ def main() -> None:
             ),
         },
         "versions": versions(),
-        "budget_mb": configs.service.budget_mb,
+        "budget_mb": services[0].service.budget_mb,
         "rounds": args.rounds,
         "workload": {
             "single_requests": SINGLE_REQUESTS,

@@ -4,8 +4,9 @@ Nodes are ranked by their end-to-end sensitivity: the fp32 graph is run once per
 node computing as dynamic int8 does (weight rounded through int8, activation through the run-time
 DynamicQuantizeLinear), and the model output's relative error is its score. A bisection over "keep
 the k worst in fp32" then quantizes for real and checks fidelity against fp32 on calibration texts from
-the train split, and keeps the smallest k that meets the model's fidelity gates (the Intel Neural
-Compressor fallback idea). Every trial is recorded in the candidate's search.json.
+the train split, and keeps the smallest k that meets the model's fidelity gates, tightened by a
+headroom because calibration is not the test split (the Intel Neural Compressor fallback idea).
+Every trial is recorded in the candidate's search.json.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from pipeline.candidates import PassJob
 
 SEARCH_FILE = "search.json"
-WEIGHT_INPUT = {"MatMul": 1, "Attention": 1}  # op types whose activation × weight product is simulated
+WEIGHT_INPUT = {"MatMul": 1, "Attention": 1}  # op types ranked (index of their constant weight input)
 CALIBRATION_BATCH = 32
 CALIBRATION_CHUNK = 256
 
@@ -67,6 +68,12 @@ class MixedPrecisionConfig:
     # Calibration texts are not the test split: aim this share closer to fp32 than the gates ask, so
     # the variant found on calibration also passes on test (measured: overlap differs by ~0.01).
     headroom: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.ranking_texts < 1:
+            raise ValueError(f"ranking_texts must be at least 1, not {self.ranking_texts}")
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"headroom must be in [0, 1), not {self.headroom}")
 
     def targets(self, gates: Gates) -> Gates:
         def closer(limit: float) -> float:
