@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.report import save_figure
 
 SUMMARY = (
     "peak_total_rss_mb",
@@ -129,11 +130,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes.set_ylabel("probe accuracy (head fit on torch-fp32 vectors)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
-    figure.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
-    tmp.replace(path)
+    save_figure(figure, path, dpi=110)
 
 
 def write_results(results: dict[str, Any], folder: Path) -> list[Path]:

@@ -22,7 +22,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from pipeline.fidelity import FidelityReference
 from pipeline.measure import PROJECT_ROOT
 from pipeline.servebench import GunicornService, MemorySampler, request_mix
 from pipeline.sources import data_path
+from pipeline.stages.approve import versions
 from pipeline.stages.evaluate import fit_probe
 from serve.artifacts import load_approved
 from serve.memory import status_mb
@@ -224,16 +224,6 @@ def bench_model(configs: LoadedConfigs, name: str, rounds: int, work: Path) -> d
     }
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in VERSIONED:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", nargs="+", default=["configs/service.yaml", "configs/service-mpnet.yaml"])
@@ -263,7 +253,7 @@ def main() -> None:
                 "unknown",
             ),
         },
-        "versions": versions(),
+        "versions": versions(VERSIONED),
         "budget_mb": services[0].service.budget_mb,
         "rounds": args.rounds,
         "workload": {

@@ -222,9 +222,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes.set_title("memfit candidates: accuracy vs peak RSS")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG beside `path`, then rename it into place."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
-    figure.savefig(tmp, dpi=120, format="png")
+    figure.savefig(tmp, dpi=dpi, format="png")
     plt.close(figure)
     tmp.replace(path)
 

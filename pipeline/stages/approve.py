@@ -38,9 +38,10 @@ VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "to
 KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+    """Python and each installed package's version (None when not installed)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
