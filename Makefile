@@ -48,7 +48,7 @@ serve: setup
 
 # memfit against what users run today (torch fp32/int8 Flask apps, optimum-onnx, sentence-transformers),
 # MiniLM and mpnet each alone in one worker, 3 interleaved rounds: benchmarks/results/<date>.{json,md,png}.
-# Optimizes both services first (cached when done; ~45 min for mpnet on a fresh clone).
+# Optimizes both services first (cached when done; 30–50 min for mpnet on a fresh clone).
 BENCH_SERVICES ?= configs/service.yaml configs/service-mpnet.yaml
 bench: setup
 	for service in $(BENCH_SERVICES); do $(BIN)/memfit optimize --service $$service || exit 1; done
