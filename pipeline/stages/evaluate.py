@@ -22,7 +22,7 @@ from pipeline.progress import bar
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation
 from serve.artifacts import sha256_file
 from serve.config import ConfigError
-from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec, SessionSettings
 
 CHUNK = 256
 EVALUATION_VERSION = 1  # bump when scoring changes: cached evaluations keyed on it are then recomputed
@@ -53,10 +53,22 @@ class Reference:
     """What fp32 produced on the test split (and, for embeddings, the probe head fit on its train-split
     vectors): every candidate is scored against it."""
 
-    def __init__(self, test: np.ndarray, train: np.ndarray | None, dataset: Dataset, context: BuildContext, seed: int):
+    def __init__(
+        self,
+        test: np.ndarray,
+        train: np.ndarray | None,
+        labels: tuple[str, ...],
+        dataset: Dataset,
+        context: BuildContext,
+        seed: int,
+    ):
         self.fidelity = FidelityReference(test, embedding=train is not None)
-        self.train, self.dataset, self.context = train, dataset, context
+        self.dataset, self.context = dataset, context
         self.probe = None if train is None else fit_probe(train, dataset.train.labels, seed)
+        self.accuracy = self.accuracy_of(test, labels)
+
+    def accuracy_of(self, outputs: np.ndarray, labels: tuple[str, ...]) -> float:
+        return float((self.predictions(outputs, labels) == self.dataset.test.labels).mean())
 
     def predictions(self, outputs: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
         if self.probe is not None:
@@ -98,7 +110,8 @@ class EvaluateStage:
                 label = f"{context.model.name}: fp32 train vectors for the probe"
                 arrays["train"] = infer(runtime, dataset.train.texts, label)[0]
             context.results.put_arrays("reference", key, arrays)
-        return Reference(arrays["test"], arrays.get("train"), dataset, context, self.config.seed)
+        labels = RuntimeSpec.read(fp32.folder).labels
+        return Reference(arrays["test"], arrays.get("train"), labels, dataset, context, self.config.seed)
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         dataset: Dataset = state.require("dataset")
@@ -122,9 +135,8 @@ class EvaluateStage:
         runtime = self.runtime(context, candidate)
         label = f"{context.model.name}: evaluate {candidate.variant}"
         outputs, throughput = infer(runtime, dataset.test.texts, label)
-        accuracy = float((reference.predictions(outputs, runtime.spec.labels) == dataset.test.labels).mean())
-        fp32_predictions = reference.predictions(reference.fidelity.outputs, runtime.spec.labels)
-        fp32_accuracy = float((fp32_predictions == dataset.test.labels).mean())
+        accuracy = reference.accuracy_of(outputs, runtime.spec.labels)
+        fp32_accuracy = reference.accuracy
         fidelity = reference.fidelity.compare(outputs)
         embedding = context.model.task == "feature-extraction"
         return Evaluation(
