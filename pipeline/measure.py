@@ -18,10 +18,11 @@ class ProbeError(RuntimeError):
     pass
 
 
-def run_probe(models: list[dict[str, Any]], seq_len: int, repeats: int) -> dict[str, Any]:
+def run_probe(models: list[dict[str, Any]], seq_len: int, max_batch: int, repeats: int) -> dict[str, Any]:
     """Peak RSS of a fresh process that imports what a worker imports, loads `models` (each a dict of
-    folder, session_options and batch: full-length rows per run) and runs each at its micro-batch."""
-    spec = {"models": models, "seq_len": seq_len, "repeats": repeats}
+    folder, session_options and batch: full-length rows per run) and runs each at its micro-batch, then
+    the largest requests of shorter inputs (up to `max_batch` rows per run, as the service allows)."""
+    spec = {"models": models, "seq_len": seq_len, "max_batch": max_batch, "repeats": repeats}
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.stages.measure import SESSION_SLOWDOWN
 from serve.config import ServiceConfig
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "rss_after_load_mb": measurement.rss_after_load_mb,
                 "session_variant": measurement.session_variant,
                 "session_trials_mb": measurement.session_trials,
+                "session_timings": measurement.session_timings,
                 "search": candidate.search,
                 "p50_ms": evaluation.latency_ms["p50"],
                 "p95_ms": evaluation.latency_ms["p95"],
@@ -81,20 +83,62 @@ def accuracy_lines(model: dict[str, Any]) -> list[str]:
     ]
 
 
+FIDELITY_MEASURES = ("cosine_mean", "overlap_at_10", "agreement")
+
+
+def closer_lines(model: dict[str, Any]) -> list[str]:
+    """The candidates that stay at least as close to fp32 as the approved one on every fidelity measure,
+    with the measured reason each was not chosen: the price the approval paid in fidelity, and for what."""
+    approved = next((r for r in model["candidates"] if r["verdict"] == "approved"), None)
+    if approved is None:
+        return []
+    measures = [m for m in FIDELITY_MEASURES if approved[m] is not None]
+    closer = [
+        r
+        for r in model["candidates"]
+        if r is not approved and all(r[m] is not None and r[m] >= approved[m] for m in measures)
+    ]
+    if not closer:
+        return [f"No candidate is closer to fp32 than {approved['variant']} on every fidelity measure.", ""]
+    lines = [
+        f"At least as close to fp32 as the approved variant on every fidelity measure, and why not chosen "
+        f"(objective: {model['objective'].replace('_', ' ')}):",
+        "",
+        "| variant | cos mean | overlap@10 | agreement | p50 ms | peak RSS MB | why not chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in [approved, *closer]:
+        why = "(approved)" if row is approved else row["reason"]
+        lines.append(
+            f"| {row['variant']} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['overlap_at_10'], 3)} | "
+            f"{_fmt(row['agreement'], 4)} | {_fmt(row['p50_ms'], 2)} | {_fmt(row['peak_rss_mb'], 1)} | {why} |"
+        )
+    return [*lines, ""]
+
+
+def session_cell(row: dict[str, Any], variant: str) -> str:
+    if variant not in row["session_trials_mb"]:
+        return "–"
+    timed = row["session_timings"][variant]
+    return f"{row['session_trials_mb'][variant]:.1f} ({timed['worst_case_s']:.2f} s / {timed['one_text_ms']:.1f} ms)"
+
+
 def session_lines(model: dict[str, Any]) -> list[str]:
-    """Worst-case peak of each candidate measured under each session-option variant."""
+    """Worst-case peak and run time of each candidate measured under each session-option variant."""
     measured = [r for r in model["candidates"] if len(r["session_trials_mb"]) > 1]
     if not measured:
         return []
     variants = list(measured[0]["session_trials_mb"])
     lines = [
-        "Session options, worst-case peak RSS MB per variant (candidates that meet the fidelity gates):",
+        "Session options, per variant: worst-case peak RSS MB (seconds for that input / ms for one short text), "
+        f"for the candidates that meet the fidelity gates; a variant over {SESSION_SLOWDOWN:.0%} slower than the "
+        "fastest on either does not compete:",
         "",
         "| variant | " + " | ".join(variants) + " | chosen |",
         "|---|" + "---|" * (len(variants) + 1),
     ]
     for row in measured:
-        peaks = " | ".join(_fmt(row["session_trials_mb"].get(v), 1) for v in variants)
+        peaks = " | ".join(session_cell(row, v) for v in variants)
         lines.append(f"| {row['variant']} | {peaks} | {row['session_variant']} |")
     return [*lines, ""]
 
@@ -159,7 +203,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )
-        lines += ["", *accuracy_lines(model), *session_lines(model), *search_lines(model)]
+        lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model), *search_lines(model)]
     fit = report.get("service_fit")
     if fit:
         verdict = "fits" if fit["fits"] else "DOES NOT FIT"
@@ -251,6 +295,7 @@ def write_report(
                 "model": run.context.model.name,
                 "task": run.context.model.task,
                 "share_mb": run.context.share_mb,
+                "objective": run.context.model.objective,
                 "approved": run.state.approved.name if run.state.approved else None,
                 "n_test": len(run.state.dataset.test.texts) if run.state.dataset else 0,
                 "export_validation": run.state.exported.validation if run.state.exported else None,

@@ -28,7 +28,7 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
         for a in artifacts
     ]
     with step(f"service fit: {len(artifacts)} model(s) together in one process"):
-        result = run_probe(probe_models, seq_len=seq_len, repeats=repeats)
+        result = run_probe(probe_models, seq_len=seq_len, max_batch=service.limits.max_batch, repeats=repeats)
         master = idle_master_mb()
     floor = result["rss_after_imports_mb"]
     previous = floor

@@ -111,6 +111,7 @@ class Measurement:
     session_variant: str
     session_options: dict[str, Any]
     session_trials: dict[str, float]  # session variant -> worst-case peak MB
+    session_timings: dict[str, dict[str, float]]  # session variant -> worst_case_s, one_text_ms (medians)
 
     @property
     def max_tokens_per_run(self) -> int:

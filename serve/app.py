@@ -23,7 +23,7 @@ from serve.artifacts import ArtifactError
 from serve.config import ConfigError, Limits, load_service_config, model_names, resolve
 from serve.errors import ServiceError
 from serve.loader import ServedModel, open_approved
-from serve.memory import status_mb
+from serve.memory import pin_mmap_threshold, status_mb
 from serve.openapi import openapi_document
 from serve.runtime import InputTooLong
 
@@ -233,6 +233,7 @@ class Service:
 
 def create_app(config_path: str | None = None) -> Service:
     """The WSGI app for one worker (gunicorn calls this after fork: sessions are never shared)."""
+    pin_mmap_threshold()
     try:
         return Service(config_path or os.environ.get("SERVICE_CONFIG", DEFAULT_CONFIG))
     except ConfigError as exc:

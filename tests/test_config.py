@@ -54,7 +54,8 @@ BAD_MODELS = [
         ["int4"],
         "field 'candidates': unknown candidate 'int4'; allowed: fp32, fp32-optimized, int8-qint8-per-channel, "
         "int8-qint8-per-tensor, int8-quint8-per-channel, int8-mixed-qint8-per-channel, wo8-matmul-b32, "
-        "wo8-matmul-b32-int8-compute, wo4-matmul-b32, wo4-matmul-b128 (got ['int4'])",
+        "wo8-matmul-b32-int8-compute, wo8-matmul-gather-b32, wo8-matmul-gather-b32-int8-compute, wo4-matmul-b32, "
+        "wo4-matmul-b128 (got ['int4'])",
     ),
     (
         "session_variants",

@@ -29,7 +29,25 @@ from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Meas
 from serve.artifacts import sha256_file
 from serve.runtime import MODEL_FILE
 
-MEASUREMENT_VERSION = 3  # bump when probing changes: cached measurements keyed on it are then redone
+SESSION_SLOWDOWN = 0.25
+TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
+MEASUREMENT_VERSION = 6  # bump when probing changes: cached measurements keyed on it are then redone
+
+
+def timings(probe: dict[str, Any]) -> dict[str, float]:
+    """A one-model probe's speed: median seconds of its worst-case runs, median ms of one short text."""
+    return {"worst_case_s": float(probe["run_s"][0]), "one_text_ms": float(probe["one_text_ms"][0])}
+
+
+def quick_variants(timed: dict[SessionVariant, dict[str, float]]) -> list[SessionVariant]:
+    """The variants within SESSION_SLOWDOWN of the fastest on both the worst case and one short text
+    (plus TIMING_NOISE: a one-text run of a small model takes ~1.5 ms, and repeats vary by ~0.3)."""
+    fastest = {key: min(t[key] for t in timed.values()) for key in TIMING_NOISE}
+    return [
+        v
+        for v, t in timed.items()
+        if all(t[k] <= fastest[k] * (1 + SESSION_SLOWDOWN) + TIMING_NOISE[k] for k in TIMING_NOISE)
+    ]
 
 
 @dataclass(frozen=True)
@@ -43,7 +61,8 @@ class MeasureStage:
     def probe(self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int) -> dict[str, Any]:
         try:
             model = {"folder": str(candidate.folder), "session_options": options, "batch": rows}
-            return run_probe([model], seq_len=context.service.limits.max_seq_len, repeats=self.repeats)
+            limits = context.service.limits
+            return run_probe([model], seq_len=limits.max_seq_len, max_batch=limits.max_batch, repeats=self.repeats)
         except ProbeError as exc:
             raise StageError(f"{context.model.name}: {candidate.variant}: {exc}") from None
 
@@ -52,26 +71,30 @@ class MeasureStage:
 
     def pick_variant(
         self, context: BuildContext, candidate: Candidate, full: bool
-    ) -> tuple[SessionVariant, dict[int, dict[str, Any]], dict[str, float]]:
+    ) -> tuple[SessionVariant, dict[int, dict[str, Any]], dict[SessionVariant, dict[str, Any]]]:
         """The session variant to measure further, its probes so far (by rows) and every variant's
-        worst-case peak. When even the best worst case misses the share, the service will run small
-        micro-batches, so the variants are compared again at one row: the lowest base fits the most rows."""
+        worst-case probe. Only variants at most SESSION_SLOWDOWN slower than the fastest may compete on
+        memory (prepacking off can save memory by repacking weights on every run: a cost a large run
+        amortizes and a one-text request does not, so both are timed).
+        When even the best worst case misses the share, the service will run small micro-batches, so the
+        variants are compared again at one row: the lowest base fits the most rows."""
         worst = context.service.limits.max_batch
         variants = self.variants if full else ("configured",)
         trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
+        quick = quick_variants({v: timings(r) for v, r in trials.items()})
         compared = trials
-        if full and min(r["vmhwm_mb"] for r in trials.values()) > context.share_mb:
-            compared = {v: self.probe(context, candidate, self.options(v), 1) for v in variants}
-        floor = min(r["vmhwm_mb"] for r in compared.values())
-        variant = next(v for v in variants if compared[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
+        if full and min(trials[v]["vmhwm_mb"] for v in quick) > context.share_mb:
+            compared = {v: self.probe(context, candidate, self.options(v), 1) for v in quick}
+        floor = min(compared[v]["vmhwm_mb"] for v in quick)
+        variant = next(v for v in quick if compared[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
         probes = {worst: trials[variant]} | ({1: compared[variant]} if compared is not trials else {})
-        return variant, probes, {v: r["vmhwm_mb"] for v, r in trials.items()}
+        return variant, probes, trials
 
     def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
         limits = context.service.limits
         share = context.share_mb
         worst = limits.max_batch
-        variant, results, worst_peaks = self.pick_variant(context, candidate, full)
+        variant, results, trials = self.pick_variant(context, candidate, full)
         options = self.options(variant)
         curve = None
         rows = worst
@@ -98,7 +121,8 @@ class MeasureStage:
             curve=curve,
             session_variant=variant,
             session_options=options,
-            session_trials=worst_peaks,
+            session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
+            session_timings={v: timings(r) for v, r in trials.items()},
         )
 
     def cached(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
