@@ -20,8 +20,21 @@ def evaluation(delta: float = 0.0, cosine: float = 1.0, overlap: float = 1.0, p5
 
 
 def measured(peak: float, batch: int, worst_case: float, predicted: float, curve: MemoryCurve) -> Measurement:
+    timings = {"configured": {"worst_case_s": 1.0, "one_text_ms": 10.0}}
     return Measurement(
-        peak, peak, 73.0, 110.0, batch, 128, worst_case, predicted, curve, "configured", {}, {"configured": worst_case}
+        peak,
+        peak,
+        73.0,
+        110.0,
+        batch,
+        128,
+        worst_case,
+        predicted,
+        curve,
+        "configured",
+        {},
+        {"configured": worst_case},
+        timings,
     )
 
 
