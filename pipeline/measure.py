@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import serve
+from serve.config import ServiceConfig
 
 PROJECT_ROOT = Path(serve.__file__).resolve().parent.parent
 
@@ -18,11 +19,20 @@ class ProbeError(RuntimeError):
     pass
 
 
-def run_probe(models: list[dict[str, Any]], seq_len: int, max_batch: int, repeats: int) -> dict[str, Any]:
+def run_probe(
+    models: list[dict[str, Any]], service: ServiceConfig, repeats: int, request_path: bool = False
+) -> dict[str, Any]:
     """Peak RSS of a fresh process that imports what a worker imports, loads `models` (each a dict of
     folder, session_options and batch: full-length rows per run) and runs each at its micro-batch, then
-    the largest requests of shorter inputs (up to `max_batch` rows per run, as the service allows)."""
-    spec = {"models": models, "seq_len": seq_len, "max_batch": max_batch, "repeats": repeats}
+    the largest requests of shorter inputs (up to `max_batch` rows per run, as the service allows), and
+    with `request_path` the service's hostile bodies (serve/probe.py)."""
+    spec = {
+        "models": models,
+        "limits": service.limits.model_dump(),
+        "threads": service.threads,
+        "repeats": repeats,
+        "request_path": request_path,
+    }
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),

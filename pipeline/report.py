@@ -35,6 +35,8 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "variant": candidate.variant,
                 "file_mb": candidate.file_mb,
                 "peak_rss_mb": measurement.peak_rss_mb,
+                "model_run_peak_mb": measurement.model_run_peak_mb,
+                "request_path": measurement.request_path,
                 "worst_case_peak_mb": measurement.worst_case_peak_mb,
                 "max_tokens_per_run": measurement.max_tokens_per_run,
                 "predicted_peak_mb": measurement.predicted_peak_mb,
@@ -180,7 +182,10 @@ def markdown(report: dict[str, Any]) -> str:
         "measured alone; the whole-service fit below measures all of them together.",
         "Peak RSS is VmHWM of a fresh process that imports what a service worker imports. Worst-case peak: "
         "the whole worst-case input in one run; tokens/run: the micro-batch the service runs, the largest "
-        "that fits the share (peak RSS measured there, the fitted curve's prediction in brackets).",
+        "that fits the share (model runs measured there, the fitted curve's prediction in brackets). "
+        "Proven peak: that micro-batch, then the largest bodies the service accepts in their nastiest forms "
+        "through the service's request path, TRUNCATE off and on (measured for candidates that meet the "
+        "fidelity gates).",
         "",
     ]
     for model in report["models"]:
@@ -190,16 +195,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"Approved: **{model['approved'] or 'nothing (no candidate passed)'}**. Share {model['share_mb']:.0f} MB. "
             f"Test examples: {model['n_test']}.",
             "",
-            "| variant | file MB | worst-case peak MB | session | tokens/run | peak RSS MB (predicted) | p50 ms "
-            "| p95 ms | metric | Δ pt | cos mean | cos min | overlap@10 | agreement | verdict | why |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | file MB | worst-case peak MB | session | tokens/run | model runs MB (predicted) "
+            "| proven peak MB | p50 ms | p95 ms | metric | Δ pt | cos mean | cos min | overlap@10 | agreement "
+            "| verdict | why |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in model["candidates"]:
             lines.append(
                 f"| {row['variant']} | {_fmt(row['file_mb'], 1)} | {_fmt(row['worst_case_peak_mb'], 1)} | "
                 f"{row['session_variant']} | {row['max_tokens_per_run']} | "
-                f"{_fmt(row['peak_rss_mb'], 1)} ({_fmt(row['predicted_peak_mb'], 1)}) | "
-                f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | {_fmt(row['value'], 4)} | "
+                f"{_fmt(row['model_run_peak_mb'], 1)} ({_fmt(row['predicted_peak_mb'], 1)}) | "
+                f"{_fmt(row['peak_rss_mb'] if row['request_path'] else None, 1)} | {_fmt(row['p50_ms'], 2)} | "
+                f"{_fmt(row['p95_ms'], 2)} | {_fmt(row['value'], 4)} | "
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )

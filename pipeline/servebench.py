@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cgroup import MemoryCgroup
 from pipeline.measure import PROJECT_ROOT
 from serve.memory import rollup_mb, status_mb
 
@@ -48,6 +49,8 @@ class Response:
     status: int
     body: Any
     seconds: float
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
 
 
 class GunicornService:
@@ -61,8 +64,12 @@ class GunicornService:
         ready_timeout: float = 120.0,
         app: str = "serve.app:create_app()",
         config_file: Path = PROJECT_ROOT / "serve" / "gunicorn.conf.py",
+        wait_ready: bool = True,
+        cgroup: MemoryCgroup | None = None,
     ):
         self.app = app
+        self.wait_ready = wait_ready  # False: return once /api/ready answers at all (a 503 included)
+        self.cgroup = cgroup  # the master joins it before exec; its workers follow
         self.config_file = config_file
         self.cold_start_s: float | None = None  # process start to the first ready answer
         self.port = free_port()
@@ -87,7 +94,14 @@ class GunicornService:
 
     def start(self, wait_ready: bool = True) -> GunicornService:
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            preexec_fn=self.cgroup.join if self.cgroup else None,
+        )
         self.cold_start_s = self.wait_until(200 if wait_ready else None)
         return self
 
@@ -121,7 +135,7 @@ class GunicornService:
             return self.process.wait()
 
     def __enter__(self) -> GunicornService:
-        return self.start()
+        return self.start(self.wait_ready)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -158,7 +172,7 @@ class GunicornService:
             parsed = json.loads(data) if data else None
         except ValueError:
             parsed = data.decode(errors="replace")
-        return Response(reply.status, parsed, seconds)
+        return Response(reply.status, parsed, seconds, dict(reply.getheaders()), data)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Whole-service fit: every approved model of a service loaded together in one fresh process, each
-run at its own worst-case micro-batch, plus an idle gunicorn master. Fails when the total exceeds
-the budget; the measured worker peak is recorded for the planner."""
+run at its own worst-case micro-batch and sent its hostile bodies, plus an idle gunicorn master. Fails
+when the total exceeds the budget; the measured worker peak is recorded for the planner."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
         for a in artifacts
     ]
     with step(f"service fit: {len(artifacts)} model(s) together in one process"):
-        result = run_probe(probe_models, seq_len=seq_len, max_batch=service.limits.max_batch, repeats=repeats)
+        result = run_probe(probe_models, service, repeats=repeats, request_path=True)
         master = idle_master_mb()
     floor = result["rss_after_imports_mb"]
     previous = floor
@@ -41,18 +41,20 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
                 "variant": artifact.variant_id,
                 "tokens_per_run": artifact.manifest["limits"]["max_tokens_per_run"],
                 "weights_mb": round(loaded - previous, 1),
-                "activation_peak_mb": round(metrics["peak_rss_mb"] - metrics["rss_after_load_mb"], 1),
+                "activation_peak_mb": round(metrics["model_run_peak_mb"] - metrics["rss_after_load_mb"], 1),
                 "alone_peak_mb": metrics["peak_rss_mb"],
             }
         )
         previous = loaded
     worker = result["vmhwm_mb"]
+    request_path = {**result["request_path"], "peak_before_mb": result["vmhwm_before_request_path_mb"]}
     total = round(worker + master, 1)
     return {
         "budget_mb": service.budget_mb,
         "master_mb": round(master, 1),
         "runtime_floor_mb": floor,
         "worker_peak_mb": worker,
+        "request_path": request_path,
         "total_mb": total,
         "fits": total <= service.budget_mb,
         "models": models,

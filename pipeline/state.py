@@ -99,7 +99,9 @@ class Measurement:
     A candidate that misses a fidelity gate is measured once, at the worst case, for the report;
     `curve` and `predicted_peak_mb` are then None."""
 
-    peak_rss_mb: float
+    peak_rss_mb: float  # the proof: model runs at `batch` rows, then the request path's hostile bodies
+    model_run_peak_mb: float  # model runs alone at `batch` rows (what the curve predicts)
+    request_path: dict[str, Any] | None  # the proof's bodies and the limits they prove; None unless measured
     ru_maxrss_mb: float
     rss_after_imports_mb: float
     rss_after_load_mb: float
@@ -121,7 +123,7 @@ class Measurement:
     def prediction_error(self) -> float | None:
         if self.predicted_peak_mb is None:
             return None
-        return (self.predicted_peak_mb - self.peak_rss_mb) / self.peak_rss_mb
+        return (self.predicted_peak_mb - self.model_run_peak_mb) / self.model_run_peak_mb
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

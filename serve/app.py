@@ -9,12 +9,13 @@ import hmac
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
@@ -22,10 +23,13 @@ from serve import errors
 from serve.artifacts import ArtifactError
 from serve.config import ConfigError, Limits, load_service_config, model_names, resolve
 from serve.errors import ServiceError
+from serve.inputs import check_text, parse_inputs, shown
 from serve.loader import ServedModel, open_approved
-from serve.memory import pin_mmap_threshold, status_mb
+from serve.memory import pin_allocator, status_mb
 from serve.openapi import openapi_document
+from serve.planner import proven_worker_peak
 from serve.runtime import InputTooLong
+from serve.watchdog import Watchdog, margin_pct
 
 log = logging.getLogger("memfit.serve")
 DEFAULT_CONFIG = "configs/service.yaml"
@@ -43,11 +47,18 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
             raise errors.bad_request("Content-Length is not a number") from None
         if length > limit:
             raise errors.too_large(limit)
-        return bytes(stream.read(length))
-    body = bytes(stream.read(limit + 1))
+        return receive(stream, length)
+    body = receive(stream, limit + 1)
     if len(body) > limit:
         raise errors.too_large(limit)
     return body
+
+
+def receive(stream: Any, size: int) -> bytes:
+    try:
+        return bytes(stream.read(size))
+    except TimeoutError as exc:  # the worker's READ_TIMEOUT (serve/worker.py)
+        raise errors.request_timeout(str(exc)) from None
 
 
 def parse_json(body: bytes) -> Any:
@@ -63,51 +74,41 @@ def parse_json(body: bytes) -> Any:
         raise errors.bad_request(f"body is not valid JSON ({exc})") from None
 
 
-def parse_inputs(payload: Any, limits: Limits) -> tuple[str | None, list[str]]:
-    """(model name or None, inputs) from `{"model": ..., "inputs": [...]}`; 400/422 on anything else."""
-    if not isinstance(payload, dict):
-        raise errors.bad_request('body must be a JSON object like {"inputs": ["text", ...]}')
-    unknown = sorted(set(payload) - {"model", "inputs"})
-    if unknown:
-        raise errors.unprocessable(f"unknown field {unknown[0]!r}; allowed: model, inputs")
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise errors.unprocessable("'model' must be a string")
-    inputs = payload.get("inputs")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list):
-        raise errors.bad_request("'inputs' must be a list of strings")
-    if not inputs:
-        raise errors.bad_request("'inputs' is empty")
-    if len(inputs) > limits.max_batch:
-        raise errors.unprocessable(
-            f"{len(inputs)} inputs exceed max_batch ({limits.max_batch})", limit="max_batch", value=limits.max_batch
-        )
-    for index, item in enumerate(inputs):
-        if not isinstance(item, str):
-            raise errors.unprocessable(f"inputs[{index}] is not a string")
-        if not item.strip():
-            raise errors.unprocessable(f"inputs[{index}] is empty")
-    return model, inputs
+INFERENCE_ENDPOINTS = {"embed": "feature-extraction", "classify": "text-classification"}
+JSON_TYPE = "application/json"
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+def check_content_type(environ: dict[str, Any]) -> None:
+    """415 unless the body is declared JSON (UTF-8): a text/plain or form POST needs no CORS preflight,
+    so without this any web page could make a visitor's browser call the service."""
+    request = Request(environ)
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if request.mimetype != JSON_TYPE or charset not in ("utf-8", "utf8"):
+        declared = environ.get("CONTENT_TYPE") or "none"
+        raise errors.unsupported_media_type(f"Content-Type must be {JSON_TYPE} (UTF-8); got {shown(declared)}")
 
 
 class Service:
-    """Routes requests to the models of one service config; built once per worker process."""
+    """Routes requests to the models of one service; built once per worker process.
 
-    def __init__(self, config_path: str | Path):
-        config, path = load_service_config(config_path)
-        self.limits = config.limits
-        self.api_key = os.environ.get("API_KEY") or None
-        self.models: dict[str, ServedModel] = {}
-        self.failures: dict[str, str] = {}
-        artifacts = resolve(path, config.artifacts_dir)
-        for name in model_names(config, path):
-            try:
-                self.models[name] = open_approved(artifacts / name, config.limits)
-            except (ArtifactError, OSError, KeyError, ValueError) as exc:
-                self.failures[name] = str(exc)
-                log.error("model %s not served: %s", name, exc)
+    Requests are read concurrently (gthread), but parsing, tokenizing, inference and serializing run
+    one request at a time under `inference_lock`: the memory the build proves is one request's."""
+
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        limits: Limits,
+        failures: dict[str, str] | None = None,
+        api_key: str | None = None,
+        watchdog: Watchdog | None = None,
+    ):
+        self.models = models
+        self.limits = limits
+        self.failures = failures or {}
+        self.api_key = api_key
+        self.watchdog = watchdog
+        self.inference_lock = threading.Lock()
         self.routes = Map(
             [
                 Rule("/api/health", endpoint="health", methods=["GET"]),
@@ -116,36 +117,60 @@ class Service:
                 Rule("/api/embed", endpoint="embed", methods=["POST"]),
                 Rule("/api/classify", endpoint="classify", methods=["POST"]),
                 Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
-            ]
+            ],
+            merge_slashes=False,  # merging answers with a redirect; a JSON API answers 404 instead
+            redirect_defaults=False,
         )
-        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        self.handlers: dict[str, Callable[[], dict[str, Any]]] = {
             "health": self.health,
             "ready": self.ready,
             "models": self.list_models,
-            "embed": self.embed,
-            "classify": self.classify,
-            "openapi": lambda _: openapi_document(self.limits),
+            "openapi": lambda: openapi_document(self.limits),
         }
+
+    @classmethod
+    def from_config(cls, config_path: str | Path) -> Service:
+        """Every approved model of the service config, verified; a model that fails is reported by
+        /api/ready, and the others are served."""
+        config, path = load_service_config(config_path)
+        models: dict[str, ServedModel] = {}
+        failures: dict[str, str] = {}
+        artifacts = resolve(path, config.artifacts_dir)
+        for name in model_names(config, path):
+            try:
+                models[name] = open_approved(artifacts / name, config)
+            except (ArtifactError, OSError, KeyError, ValueError) as exc:
+                failures[name] = str(exc)
+                log.error("model %s not served: %s", name, exc)
+        proven = proven_worker_peak(config, path)
+        watchdog = Watchdog(proven, margin_pct()) if proven is not None else None
+        return cls(models, config.limits, failures, os.environ.get("API_KEY") or None, watchdog)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
-            endpoint, _ = self.routes.bind_to_environ(environ).match()
-            if self.api_key and endpoint not in OPEN_ENDPOINTS:
-                self.authorize(environ)
-            status, payload = 200, self.handlers[str(endpoint)](environ)
+            status, data, headers = 200, self.dispatch(environ), {}
         except ServiceError as exc:
-            status, payload = exc.status, exc.body()
-        except NotFound:
-            status, payload = 404, errors.not_found(f"no route {environ.get('PATH_INFO')}").body()
-        except MethodNotAllowed as exc:
-            status, payload = 405, ServiceError(405, "method_not_allowed", str(exc.description)).body()
-        except HTTPException as exc:
-            status, payload = exc.code or 400, errors.bad_request(str(exc.description)).body()
+            status, data, headers = exc.status, json.dumps(exc.body()).encode(), exc.headers
         except Exception:
             log.exception("unexpected error")
-            status, payload = 500, ServiceError(500, "internal", "internal error").body()
-        response = Response(json.dumps(payload), status=status, mimetype="application/json")
+            error = errors.internal()
+            status, data, headers = error.status, json.dumps(error.body()).encode(), {}
+        response = Response(data, status=status, mimetype=JSON_TYPE, headers=SECURITY_HEADERS | headers)
         return response(environ, start_response)
+
+    def dispatch(self, environ: dict[str, Any]) -> bytes:
+        try:
+            endpoint = str(self.routes.bind_to_environ(environ).match()[0])
+        except MethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.valid_methods or ()))
+            raise errors.method_not_allowed(str(environ.get("REQUEST_METHOD")), allowed) from None
+        except HTTPException:  # not found, or a redirect (never sent: a JSON API has nothing to redirect to)
+            raise errors.not_found(f"no route {shown(environ.get('PATH_INFO'))}") from None
+        if self.api_key and endpoint not in OPEN_ENDPOINTS:
+            self.authorize(environ)
+        if endpoint in INFERENCE_ENDPOINTS:
+            return self.infer(environ, INFERENCE_ENDPOINTS[endpoint])
+        return json.dumps(self.handlers[endpoint]()).encode()
 
     def authorize(self, environ: dict[str, Any]) -> None:
         supplied = Request(environ).headers.get("Authorization", "")
@@ -153,28 +178,29 @@ class Service:
         if not hmac.compare_digest(supplied.encode(), expected.encode()):
             raise errors.unauthorized()
 
-    def health(self, _: dict[str, Any]) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "pid": os.getpid(),
             "rss_mb": round(status_mb(), 1),
-            "models": {name: m.artifact.variant_id for name, m in self.models.items()} | dict.fromkeys(self.failures),
+            "models": {name: m.variant for name, m in self.models.items()} | dict.fromkeys(self.failures),
+            "watchdog": self.watchdog.status() if self.watchdog else None,
         }
 
-    def ready(self, _: dict[str, Any]) -> dict[str, Any]:
+    def ready(self) -> dict[str, Any]:
         if self.failures:
             raise errors.not_ready("; ".join(f"{name}: {reason}" for name, reason in self.failures.items()))
         return {"ready": True, "models": sorted(self.models)}
 
-    def list_models(self, _: dict[str, Any]) -> dict[str, Any]:
+    def list_models(self) -> dict[str, Any]:
         return {
             "models": [
                 {
                     "name": name,
                     "task": model.task,
-                    "variant": model.artifact.variant_id,
-                    "limits": model.artifact.manifest["limits"],
-                    "metrics": model.artifact.manifest["metrics"],
+                    "variant": model.variant,
+                    "limits": model.manifest["limits"],
+                    "metrics": model.manifest["metrics"],
                 }
                 for name, model in self.models.items()
             ],
@@ -184,57 +210,67 @@ class Service:
     def pick(self, requested: str | None, task: str) -> ServedModel:
         if requested is not None:
             if requested in self.failures:
-                raise errors.not_ready(f"model {requested!r} is not loaded: {self.failures[requested]}")
+                raise errors.not_ready(f"model {shown(requested)} is not loaded: {self.failures[requested]}")
             if requested not in self.models:
-                raise errors.not_found(f"unknown model {requested!r}; served: {', '.join(sorted(self.models))}")
+                raise errors.not_found(f"unknown model {shown(requested)}; served: {', '.join(sorted(self.models))}")
             model = self.models[requested]
             if model.task != task:
-                raise errors.unprocessable(f"model {requested!r} is a {model.task} model")
+                raise errors.unprocessable(f"model {shown(requested)} is a {model.task} model")
             return model
         for model in self.models.values():
             if model.task == task:
                 return model
         raise errors.not_found(f"no {task} model is served")
 
-    def infer(self, environ: dict[str, Any], task: str) -> tuple[ServedModel, np.ndarray]:
-        requested, inputs = parse_inputs(parse_json(read_body(environ, self.limits.max_body_bytes)), self.limits)
+    def infer(self, environ: dict[str, Any], task: str) -> bytes:
+        """The JSON answer to one inference request. The body is read outside the lock (a slow client
+        delays only itself); everything that allocates with the input's size runs under it."""
+        check_content_type(environ)
+        body = read_body(environ, self.limits.max_body_bytes)
+        with self.inference_lock:
+            return self.answer(body, task)
+
+    def answer(self, body: bytes, task: str) -> bytes:
+        requested, inputs = parse_inputs(parse_json(body), self.limits)
         model = self.pick(requested, task)
         try:
-            encodings = model.runtime.encode(inputs, truncate=self.limits.truncate)
+            texts = model.runtime.bound(inputs, truncate=self.limits.truncate)
+            del inputs  # an uncut input may be megabytes long
+            total = sum(map(len, texts))
+            if total > model.runtime.max_request_chars:
+                raise InputTooLong(None, "max_request_chars", model.runtime.max_request_chars, total, "characters")
+            for index, text in enumerate(texts):
+                check_text(index, text)
+            values = model.runtime.run(model.runtime.token_ids(texts, truncate=self.limits.truncate))
         except InputTooLong as exc:
-            raise errors.unprocessable(
-                f"inputs[{exc.index}] has more than max_seq_len ({exc.limit}) tokens; shorten it or set TRUNCATE=true",
-                limit="max_seq_len",
-                value=exc.limit,
-            ) from None
-        return model, model.runtime.run(encodings)
+            hint = "; shorten it or set TRUNCATE=true" if exc.limit_name != "max_request_chars" else ""
+            raise errors.unprocessable(f"{exc}{hint}", limit=exc.limit_name, value=exc.limit) from None
+        return json.dumps(self.result(model, values)).encode()
 
-    def embed(self, environ: dict[str, Any]) -> dict[str, Any]:
-        model, vectors = self.infer(environ, "feature-extraction")
+    @staticmethod
+    def result(model: ServedModel, values: np.ndarray) -> dict[str, Any]:
+        if model.task == "text-classification":
+            labels = model.runtime.spec.labels
+            return {
+                "model": model.name,
+                "variant": model.variant,
+                "results": [
+                    {"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row), strict=True))}
+                    for row in values
+                ],
+            }
         return {
             "model": model.name,
-            "variant": model.artifact.variant_id,
-            "dimensions": int(vectors.shape[1]),
-            "embeddings": vectors.tolist(),
-        }
-
-    def classify(self, environ: dict[str, Any]) -> dict[str, Any]:
-        model, probabilities = self.infer(environ, "text-classification")
-        labels = model.runtime.spec.labels
-        return {
-            "model": model.name,
-            "variant": model.artifact.variant_id,
-            "results": [
-                {"label": labels[int(row.argmax())], "scores": dict(zip(labels, map(float, row), strict=True))}
-                for row in probabilities
-            ],
+            "variant": model.variant,
+            "dimensions": int(values.shape[1]),
+            "embeddings": values.tolist(),
         }
 
 
 def create_app(config_path: str | None = None) -> Service:
     """The WSGI app for one worker (gunicorn calls this after fork: sessions are never shared)."""
-    pin_mmap_threshold()
+    pin_allocator()
     try:
-        return Service(config_path or os.environ.get("SERVICE_CONFIG", DEFAULT_CONFIG))
+        return Service.from_config(config_path or os.environ.get("SERVICE_CONFIG", DEFAULT_CONFIG))
     except ConfigError as exc:
         raise SystemExit(f"memfit serve: {exc}") from None

@@ -81,11 +81,16 @@ def load_config(path: str | Path, model_cls: type[Model]) -> Model:
 
 
 class Limits(StrictModel):
-    """Request limits; the worst-case input the pipeline measures is max_batch × max_seq_len."""
+    """Request limits; the worst-case input the pipeline measures is max_batch × max_seq_len, and the
+    worst-case body is max_body_bytes in its nastiest forms (see serve/probe.py)."""
 
     max_batch: int = Field(32, gt=0, le=4096)
     max_seq_len: int = Field(128, gt=0, le=8192)
-    max_body_bytes: int = Field(1_048_576, gt=0)
+    max_body_bytes: int = Field(1_048_576, gt=0, le=64 * 1_048_576)
+    # Characters per input before tokenizing (None: max_seq_len × the most characters one token of the
+    # model's tokenizer covers) and per request (None: max_batch × max_input_chars).
+    max_input_chars: int | None = Field(None, gt=0)
+    max_request_chars: int | None = Field(None, gt=0)
     truncate: bool = False
 
 
@@ -99,6 +104,9 @@ class ServiceConfig(StrictModel):
     # not listed gets (budget_mb - headroom_mb) / number of models. The whole-service fit checks the sum.
     shares_mb: dict[str, float] = Field(default_factory=dict)
     limits: Limits = Limits()
+    # Requests one worker reads at once (gunicorn gthread threads); inference runs one at a time, so
+    # the rest hold at most their bodies while they wait. Part of what the build proves.
+    threads: int = Field(16, ge=1, le=256)
     artifacts_dir: str = "../artifacts"
 
     @field_validator("headroom_mb")
@@ -136,6 +144,9 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_BATCH": ("limits", "max_batch"),
     "MAX_SEQ_LEN": ("limits", "max_seq_len"),
     "MAX_BODY_BYTES": ("limits", "max_body_bytes"),
+    "MAX_INPUT_CHARS": ("limits", "max_input_chars"),
+    "MAX_REQUEST_CHARS": ("limits", "max_request_chars"),
+    "THREADS": ("threads",),
     "TRUNCATE": ("limits", "truncate"),
     "ARTIFACTS_DIR": ("artifacts_dir",),
 }

@@ -8,9 +8,10 @@ from typing import Any
 class ServiceError(Exception):
     """A request the service refuses, or a state in which it cannot answer."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
@@ -28,8 +29,20 @@ def not_found(message: str) -> ServiceError:
     return ServiceError(404, "not_found", message)
 
 
+def method_not_allowed(method: str, allowed: str) -> ServiceError:
+    return ServiceError(405, "method_not_allowed", f"{method} not allowed; allowed: {allowed}", {"Allow": allowed})
+
+
+def request_timeout(message: str) -> ServiceError:
+    return ServiceError(408, "request_timeout", message, {"Connection": "close"})
+
+
 def too_large(limit: int) -> ServiceError:
     return ServiceError(413, "payload_too_large", f"request body exceeds max_body_bytes ({limit} bytes)", limit=limit)
+
+
+def unsupported_media_type(message: str) -> ServiceError:
+    return ServiceError(415, "unsupported_media_type", message)
 
 
 def unprocessable(message: str, **details: Any) -> ServiceError:
@@ -38,3 +51,7 @@ def unprocessable(message: str, **details: Any) -> ServiceError:
 
 def not_ready(message: str) -> ServiceError:
     return ServiceError(503, "not_ready", message)
+
+
+def internal() -> ServiceError:
+    return ServiceError(500, "internal", "internal error")

@@ -1,17 +1,33 @@
 """gunicorn settings for the memfit service; every value an env var (see README)."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from serve.config import ConfigError, load_service_config
+
+SERVICE_CONFIG = Path(os.environ.get("SERVICE_CONFIG", "configs/service.yaml"))
+try:
+    service, _ = load_service_config(SERVICE_CONFIG)
+except ConfigError as exc:
+    sys.exit(f"memfit serve: {exc}")
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '10000')}"
 workers = int(os.environ.get("WORKERS", "1"))
+# One process per worker, requests read by threads with time bounds; inference one at a time
+# (serve/worker.py says why). THREADS is part of what the build proves (bodies waiting for the lock).
+worker_class = "serve.worker.BoundedThreadWorker"
+threads = service.threads
+keepalive = int(os.environ.get("KEEPALIVE", "2"))
 timeout = int(os.environ.get("TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
 max_requests = int(os.environ.get("MAX_REQUESTS", "2000"))
 max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", "200"))
 limit_request_line = int(os.environ.get("LIMIT_REQUEST_LINE", "4094"))
 limit_request_fields = int(os.environ.get("LIMIT_REQUEST_FIELDS", "100"))
+limit_request_field_size = int(os.environ.get("LIMIT_REQUEST_FIELD_SIZE", "8190"))
 # ONNX Runtime threads do not survive fork: the app (and its sessions) is created in each worker.
 preload_app = False
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -23,11 +39,28 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 
 
 def on_starting(server):
-    """Refuse to boot a worker count whose measured peaks cannot fit MEMORY_BUDGET_MB."""
+    """Refuse to boot a worker count whose measured peaks cannot fit MEMORY_BUDGET_MB; give the workers
+    a folder of this run's own (the watchdog's recycle log)."""
     from serve.planner import check_at_master_start
+    from serve.watchdog import RUN_DIR_ENV
 
-    service = Path(os.environ.get("SERVICE_CONFIG", "configs/service.yaml"))
-    fits, message = check_at_master_start(service, server.cfg.workers)
+    fits, message = check_at_master_start(SERVICE_CONFIG, server.cfg.workers)
     print(message, file=sys.stderr, flush=True)
     if not fits:
         sys.exit(1)
+    os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="memfit-run-")
+
+
+def post_request(worker, req, environ, resp):
+    """The memory watchdog (serve/watchdog.py): a worker over its proven peak stops after this answer."""
+    watchdog = getattr(worker.wsgi, "watchdog", None)
+    if watchdog is not None and worker.alive and watchdog.over_limit() is not None:
+        worker.alive = False
+
+
+def on_exit(server):
+    from serve.watchdog import RUN_DIR_ENV
+
+    folder = os.environ.get(RUN_DIR_ENV)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from serve.artifacts import ApprovedArtifact, ArtifactError, load_approved
-from serve.config import Limits
+from serve.artifacts import ArtifactError, load_approved
+from serve.config import ServiceConfig
 from serve.onnx_refs import check_external_data
 from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
 
@@ -14,29 +15,48 @@ from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
 @dataclass(frozen=True)
 class ServedModel:
     name: str
-    artifact: ApprovedArtifact
     runtime: ModelRuntime
+    variant: str
+    manifest: dict[str, Any]
 
     @property
     def task(self) -> str:
         return self.runtime.spec.task
 
 
-def open_approved(model_dir: Path, limits: Limits) -> ServedModel:
-    """Refuses (ArtifactError) an artifact that does not verify, or request limits beyond what it proves."""
+def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
+    """Refuses (ArtifactError) an artifact that does not verify, or a service that accepts more than its
+    approval proves: longer inputs, larger bodies, more characters, more threads."""
     artifact = load_approved(model_dir)
     check_external_data(artifact.folder / MODEL_FILE, allowed=set(artifact.manifest["files"]))
     proven = artifact.manifest["limits"]
-    if limits.max_seq_len > proven["max_seq_len"]:
-        raise ArtifactError(
-            f"{model_dir.name}: max_seq_len {limits.max_seq_len} exceeds the {proven['max_seq_len']} tokens its "
-            "approval measured; re-run `make optimize` with the new limits"
-        )
+    limits = service.limits
     runtime = ModelRuntime(
         artifact.folder,
         SessionSettings.from_json(artifact.manifest["session_options"]),
         max_seq_len=limits.max_seq_len,
         max_tokens_per_run=int(proven["max_tokens_per_run"]),
         max_batch=int(proven["max_batch"]),
+        max_input_chars=limits.max_input_chars,
+        max_request_chars=limits.max_request_chars,
     )
-    return ServedModel(model_dir.name, artifact, runtime)
+    accepted = {
+        "max_batch": limits.max_batch,
+        "max_seq_len": limits.max_seq_len,
+        "max_body_bytes": limits.max_body_bytes,
+        "max_input_chars": runtime.max_input_chars,
+        "max_request_chars": runtime.max_request_chars,
+        "threads": service.threads,
+    }
+    for name, value in accepted.items():
+        if name not in proven:
+            raise ArtifactError(
+                f"{model_dir.name}: its approval does not prove {name} (built by an older memfit); "
+                "re-run `make optimize`"
+            )
+        if value > proven[name]:
+            raise ArtifactError(
+                f"{model_dir.name}: {name} {value:,} exceeds the {proven[name]:,} its approval proves; "
+                "re-run `make optimize` with the new limits"
+            )
+    return ServedModel(model_dir.name, runtime, artifact.variant_id, artifact.manifest)

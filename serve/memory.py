@@ -6,21 +6,25 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+M_ARENA_MAX = -8  # mallopt parameter numbers in glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
+ARENAS = 1
 
 
-def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Stop glibc from raising its mmap threshold. By default each freed large block raises the threshold
-    to its size, so later buffers of other shapes come from the heap, which glibc seldom gives back: mpnet
-    serving varied request shapes measured 55 MB above the same mix with the threshold fixed, where every
-    block of 128 KiB or more is mapped, and unmapped when freed. Both the service and the memory probe call
-    this, so what the build measures is what the worker does. False where the C library is not glibc."""
+def pin_allocator(threshold: int = MMAP_THRESHOLD_BYTES, arenas: int = ARENAS) -> bool:
+    """Keep glibc's heap where the build measured it. By default each freed large block raises the mmap
+    threshold to its size, so later buffers of other shapes come from the heap, which glibc seldom gives
+    back: mpnet serving varied request shapes measured 55 MB above the same mix with the threshold fixed,
+    where every block of 128 KiB or more is mapped, and unmapped when freed. And each thread that
+    allocates gets an arena of its own that keeps what it freed: a worker reads requests in several
+    threads, so all share one arena. Both the service and the memory probe call this, so what the build
+    measures is what the worker does. False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
 
 
 def status_mb(field: str = "VmRSS", pid: int | str = "self") -> float:

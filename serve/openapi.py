@@ -25,8 +25,13 @@ INFERENCE_ERRORS = {
     "400": _error("malformed JSON, invalid UTF-8, or empty inputs"),
     "401": _error("API key required"),
     "404": _error("unknown model"),
+    "408": _error("body not received within READ_TIMEOUT"),
     "413": _error("body larger than max_body_bytes"),
-    "422": _error("too many inputs, an input too long, or a non-string input"),
+    "415": _error("Content-Type is not application/json (UTF-8)"),
+    "422": _error(
+        "too many inputs; an input over max_input_chars characters or max_seq_len tokens; a request over "
+        "max_request_chars; a non-string, a lone surrogate, or an input with no visible character"
+    ),
     "503": _error("model not loaded"),
 }
 
@@ -43,7 +48,10 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
                 "minItems": 1,
                 "maxItems": limits.max_batch,
                 "items": {"type": "string", "minLength": 1},
-                "description": f"at most {limits.max_batch} texts of at most {limits.max_seq_len} tokens each",
+                "description": (
+                    f"at most {limits.max_batch} texts of at most {limits.max_seq_len} tokens each, checked "
+                    "first in characters (max_input_chars)"
+                ),
             },
         },
     }
@@ -109,6 +117,11 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
                         "pid": {"type": "integer"},
                         "rss_mb": {"type": "number"},
                         "models": {"type": "object", "additionalProperties": {"type": "string", "nullable": True}},
+                        "watchdog": {
+                            "type": "object",
+                            "nullable": True,
+                            "description": "proven peak, the RSS limit over which a worker is recycled, recycles",
+                        },
                     },
                 },
                 "Ready": {

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved, read_json
-from serve.config import load_service_config, model_names, resolve
+from serve.config import ServiceConfig, load_service_config, model_names, resolve
 from serve.memory import status_mb
 
 MASTER_IMPORTS = "import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner"
@@ -39,18 +39,36 @@ def idle_master_mb() -> float:
     return float(done.stdout.strip())
 
 
-def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]:
-    config, path = load_service_config(service_path)
+def worker_figures(config: ServiceConfig, path: Path) -> tuple[float, dict[str, str]]:
+    """The proven peak of one worker hosting every model of the service (the whole-service fit when it
+    measured exactly the current approvals, else the per-model sum) and the approvals it covers;
+    ArtifactError when a model has no approval."""
     artifacts = resolve(path, config.artifacts_dir)
     peaks, approvals = [], {}
     for name in model_names(config, path):
         try:
             metrics = load_approved(artifacts / name, verify=False).manifest["metrics"]
             approvals[name] = read_json(artifacts / name / APPROVED_FILE)["sha256"]
-        except (ArtifactError, KeyError) as exc:
-            return False, f"memfit plan: {name} has no approved artifact ({exc}); run `make optimize`"
+        except KeyError as exc:
+            raise ArtifactError(f"{name}: manifest lacks {exc}") from None
         peaks.append((float(metrics["peak_rss_mb"]), float(metrics["rss_after_imports_mb"])))
-    worker = measured_worker_peak(artifacts, approvals) or worker_peak_mb(peaks)
+    return measured_worker_peak(artifacts, approvals) or worker_peak_mb(peaks), approvals
+
+
+def proven_worker_peak(config: ServiceConfig, path: Path) -> float | None:
+    """What the watchdog holds a worker to; None when some model has no approval."""
+    try:
+        return worker_figures(config, path)[0]
+    except ArtifactError:
+        return None
+
+
+def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]:
+    config, path = load_service_config(service_path)
+    try:
+        worker, _ = worker_figures(config, path)
+    except ArtifactError as exc:
+        return False, f"memfit plan: no approved artifact ({exc}); run `make optimize`"
     budget = config.budget_mb
     fits_at_most = max(0, int((budget - master_mb) // worker))
     needed = master_mb + workers * worker

@@ -1,6 +1,9 @@
 """Peak-memory probe: a fresh process that imports only what a service worker imports, loads model
 folders the way the service does and runs the worst-case input the service accepts, then requests of
 shorter inputs: a worker's allocators grow with the variety of shapes it runs, not only with the largest.
+For the proof of an approval it then sends the largest bodies the service accepts, in their nastiest
+forms, through the service's own request path (`request_path`), with THREADS - 1 bodies held as if
+waiting for the inference lock: the proven peak covers the request path, not only the model.
 
 Usage: python -m serve.probe SPEC_JSON  (prints one JSON line). The pipeline calls this for every
 candidate; it never measures inside its own process.
@@ -14,10 +17,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from serve.memory import pin_mmap_threshold, status_mb
+from serve.memory import pin_allocator, status_mb
 
 FORBIDDEN_MODULES = ("torch", "transformers", "optimum", "sklearn")
 WORST_CASE_WORD = "memory"
@@ -35,6 +39,90 @@ def sweep_requests(max_batch: int, seq_len: int) -> list[list[str]]:
     return [[" ".join([WORST_CASE_WORD] * max(1, seq_len // part - 2))] * max_batch for part in (8, 4, 2)]
 
 
+# (name, repeated unit, texts per body): every body is filled to max_body_bytes with raw UTF-8.
+HOSTILE_SHAPES: tuple[tuple[str, str, str], ...] = (
+    ("one huge input", "!", "one"),
+    ("max_batch huge inputs", "!", "batch"),
+    ("punctuation runs", "!?.,;:-'\"()[]", "batch"),
+    ("one long word", "a", "one"),
+    ("CJK", "記憶体の限界を測る", "batch"),
+    ("Thai and Devanagari", "ความจำसीमा", "batch"),
+    ("Arabic", "الذاكرة المحدودة ", "batch"),
+    ("emoji and ZWJ sequences", "👩\u200d👩\u200d👧\u200d👦🏳️\u200d🌈", "batch"),
+    ("combining marks", "e\u0301\u0302\u0303", "batch"),
+)
+
+
+def fill(unit: str, budget: int) -> str:
+    """`unit` repeated as often as fits `budget` bytes once written as a JSON string in UTF-8."""
+    return unit * (budget // len(json.dumps(unit, ensure_ascii=False)[1:-1].encode()))
+
+
+def hostile_bodies(
+    max_batch: int, max_body_bytes: int, max_input_chars: int, model: str | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(name, body) for the bodies that work the request path hardest, each at most `max_body_bytes`: the
+    shapes above filling the body, and `max_batch` inputs of `max_input_chars` one-token characters (the
+    most tokenizing an input within the character limit can cost). Built one at a time, so the probe
+    holds no more bodies than a worker would."""
+    named = {} if model is None else {"model": model}
+    for name, unit, count in HOSTILE_SHAPES:
+        texts = 1 if count == "one" else max_batch
+        overhead = len(json.dumps(named | {"inputs": [""] * texts}))
+        text = fill(unit, (max_body_bytes - overhead) // texts)
+        yield name, json.dumps(named | {"inputs": [text] * texts}, ensure_ascii=False).encode()
+    dense = json.dumps(named | {"inputs": ["!" * max_input_chars] * max_batch}).encode()
+    if len(dense) <= max_body_bytes:
+        yield "max_batch inputs at max_input_chars", dense
+
+
+def send_bodies(service: Any, path: str, bodies: Iterator[tuple[str, bytes]]) -> dict[int, int]:
+    """Each body through the service's WSGI request path; counts of the status codes it answered."""
+    from werkzeug.test import EnvironBuilder
+
+    statuses: dict[int, int] = {}
+    for _, body in bodies:
+        environ = EnvironBuilder(path=path, method="POST", data=body, content_type="application/json").get_environ()
+        answered: list[str] = []
+
+        def start_response(status: str, headers: Any, exc_info: Any = None, sink: list[str] = answered) -> None:
+            sink.append(status)
+
+        for _ in service(environ, start_response):
+            pass
+        code = int(answered[0].split()[0])
+        statuses[code] = statuses.get(code, 0) + 1
+    return statuses
+
+
+def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Every model's hostile bodies, TRUNCATE off and on, twice over (a mix of shapes over many requests),
+    while THREADS - 1 full bodies wait as they would for the inference lock."""
+    from serve.app import INFERENCE_ENDPOINTS, Service
+    from serve.config import Limits
+    from serve.loader import ServedModel
+
+    limits = Limits(**spec["limits"])
+    models = {
+        f"model-{index}": ServedModel(f"model-{index}", runtime, runtime.folder.name, {})
+        for index, runtime in enumerate(runtimes)
+    }
+    paths = {task: f"/api/{endpoint}" for endpoint, task in INFERENCE_ENDPOINTS.items()}
+    waiting = [b" " * limits.max_body_bytes for _ in range(spec["threads"] - 1)]  # filled: resident
+    statuses: dict[int, int] = {}
+    started = time.perf_counter()
+    for _ in range(2):
+        for truncate in (False, True):
+            service = Service(models, limits.model_copy(update={"truncate": truncate}))
+            for name, model in models.items():
+                runtime = model.runtime
+                bodies = hostile_bodies(limits.max_batch, limits.max_body_bytes, runtime.max_input_chars, name)
+                for code, count in send_bodies(service, paths[runtime.spec.task], bodies).items():
+                    statuses[code] = statuses.get(code, 0) + count
+    del waiting
+    return {"statuses": statuses, "seconds": round(time.perf_counter() - started, 2)}
+
+
 def median_ms(runtime: Any, texts: list[str], runs: int = 7) -> float:
     """Median milliseconds of `runs` calls: a short request shows per-run costs a large one hides."""
     timings = []
@@ -48,15 +136,16 @@ def median_ms(runtime: Any, texts: list[str], runs: int = 7) -> float:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     before_imports = status_mb()
     # What a gunicorn worker holds: the master's gunicorn modules (inherited at fork) and the app.
-    import gunicorn.app.wsgiapp
-    import gunicorn.workers.sync  # noqa: F401
+    import gunicorn.app.wsgiapp  # noqa: F401
 
-    import serve.app  # noqa: F401
+    import serve.app
+    import serve.worker  # noqa: F401
     from serve.runtime import ModelRuntime, SessionSettings
 
     after_imports = status_mb()
-    pin_mmap_threshold()  # as the service's app factory does
-    seq_len, max_batch = spec["seq_len"], spec["max_batch"]
+    pin_allocator()  # as the service's app factory does
+    limits = spec["limits"]
+    seq_len, max_batch = limits["max_seq_len"], limits["max_batch"]
     runtimes, loaded = [], []
     for model in spec["models"]:  # each with its own micro-batch: `batch` full-length rows per run
         runtimes.append(
@@ -66,6 +155,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 max_seq_len=seq_len,
                 max_tokens_per_run=model["batch"] * seq_len,
                 max_batch=max_batch,
+                max_input_chars=limits.get("max_input_chars"),
+                max_request_chars=limits.get("max_request_chars"),
             )
         )
         loaded.append(round(status_mb(), 1))
@@ -83,6 +174,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     for request in sweep_requests(max_batch, seq_len):
         for runtime in runtimes:
             runtime.embed(request)
+    before_request_path = status_mb("VmHWM")
+    bodies = request_path(runtimes, spec) if spec.get("request_path") else None
     leaked = [name for name in FORBIDDEN_MODULES if name in sys.modules]
     return {
         "rss_start_mb": round(before_imports, 1),
@@ -90,6 +183,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_after_load_mb": round(after_load, 1),
         "rss_after_each_load_mb": loaded,
         "vmhwm_mb": round(status_mb("VmHWM"), 1),
+        "vmhwm_before_request_path_mb": round(before_request_path, 1),
+        "request_path": bodies,
+        "max_input_chars": [runtime.max_input_chars for runtime in runtimes],
+        "max_request_chars": [runtime.max_request_chars for runtime in runtimes],
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
         "run_s": [round(statistics.median(t), 4) for t in seconds],
         "one_text_ms": one_text_ms,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 from serve.artifacts import RUNTIME_FILE, ArtifactError
 
@@ -80,11 +80,22 @@ class SessionSettings:
 
 
 class InputTooLong(ValueError):
-    """An input longer than max_seq_len tokens when truncation is off."""
+    """An input over a length limit (`max_input_chars` characters or `max_seq_len` tokens) when
+    truncation is off, or a request over `max_request_chars` in all (index None)."""
 
-    def __init__(self, index: int, tokens: int, limit: int):
-        super().__init__(f"input {index} has more than {limit} tokens (max_seq_len)")
-        self.index, self.tokens, self.limit = index, tokens, limit
+    def __init__(self, index: int | None, limit_name: str, limit: int, size: int, unit: str):
+        subject = "the request" if index is None else f"inputs[{index}]"
+        super().__init__(f"{subject} has {size:,} {unit}, over {limit_name} ({limit:,})")
+        self.index, self.limit_name, self.limit, self.size, self.unit = index, limit_name, limit, size, unit
+
+
+def chars_per_token(tokenizer: Tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary piece (without its
+    continuation or word-start marker) plus one separator. A window of max_seq_len × this many characters
+    holds every token that truncation to max_seq_len keeps, for any text whose words the vocabulary
+    spells; only a word the tokenizer cannot spell at all (one [UNK] for up to 100 characters) or a run of
+    separators covers more."""
+    return 1 + max(len(piece.removeprefix("##").lstrip("Ġ▁")) for piece in tokenizer.get_vocab())
 
 
 class ModelRuntime:
@@ -97,6 +108,8 @@ class ModelRuntime:
         max_seq_len: int,
         max_tokens_per_run: int,
         max_batch: int | None = None,
+        max_input_chars: int | None = None,
+        max_request_chars: int | None = None,
     ):
         self.folder = folder
         self.spec = RuntimeSpec.read(folder)
@@ -108,6 +121,9 @@ class ModelRuntime:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_seq_len)
         self.pad_id = _pad_id(self.tokenizer)
+        self.max_input_chars = max_input_chars or max_seq_len * chars_per_token(self.tokenizer)
+        # What one service request may hold in all (checked by the service, which knows what a request is).
+        self.max_request_chars = max_request_chars or self.max_batch * self.max_input_chars
         model_path = folder / MODEL_FILE
         if not model_path.is_file():
             raise ArtifactError(f"{model_path}: missing")
@@ -116,14 +132,27 @@ class ModelRuntime:
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def encode(self, texts: Sequence[str], truncate: bool = True) -> list[Encoding]:
-        encodings = self.tokenizer.encode_batch(list(texts))
+    def bound(self, texts: Sequence[str], truncate: bool = True) -> list[str]:
+        """The texts cut to `max_input_chars` (truncate) or refused over it, before any tokenizing: the
+        tokenizer builds every overflow window of its whole input, so its memory grows with the text."""
         if not truncate:
-            for index, encoding in enumerate(encodings):
-                if encoding.overflowing:
-                    extra = sum(len(o.ids) for o in encoding.overflowing)
-                    raise InputTooLong(index, len(encoding.ids) + extra, self.max_seq_len)
-        return encodings
+            for index, text in enumerate(texts):
+                if len(text) > self.max_input_chars:
+                    raise InputTooLong(index, "max_input_chars", self.max_input_chars, len(text), "characters")
+        return [text[: self.max_input_chars] for text in texts]
+
+    def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Each text's token ids (at most max_seq_len), refusing (InputTooLong) a longer one unless
+        `truncate`. One text at a time, keeping only the ids: the tokenizer builds every overflow window of
+        its input, and a batch would hold all of them at once."""
+        rows = []
+        for index, text in enumerate(self.bound(texts, truncate)):
+            encoding = self.tokenizer.encode(text)
+            if encoding.overflowing and not truncate:
+                tokens = len(encoding.ids) + sum(len(o.ids) for o in encoding.overflowing)
+                raise InputTooLong(index, "max_seq_len", self.max_seq_len, tokens, "tokens")
+            rows.append(encoding.ids)
+        return rows
 
     def micro_batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices grouped by similar length so each group's batch × longest ≤ max_tokens_per_run."""
@@ -138,24 +167,23 @@ class ModelRuntime:
         if group:
             yield group
 
-    def feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
+    def feeds(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, tokens in enumerate(rows):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         return {name: feeds[name] for name in self.input_names}
 
-    def run(self, encodings: Sequence[Encoding]) -> np.ndarray:
-        """The model's answer per input: pooled embeddings or class probabilities, in input order."""
-        results: list[np.ndarray] = [np.empty(0)] * len(encodings)
-        for group in self.micro_batches([len(e.ids) for e in encodings]):
-            batch = [encodings[i] for i in group]
-            feeds = self.feeds(batch)
+    def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """The model's answer per input (token ids): pooled embeddings or class probabilities, in order."""
+        results: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for group in self.micro_batches([len(tokens) for tokens in rows]):
+            feeds = self.feeds([rows[i] for i in group])
             output = self.session.run(None, feeds)[0]
             values = self._postprocess(output, feeds["attention_mask"])
             for row, index in enumerate(group):
@@ -171,7 +199,7 @@ class ModelRuntime:
         return pooled
 
     def embed(self, texts: Sequence[str], truncate: bool = True) -> np.ndarray:
-        return self.run(self.encode(texts, truncate))
+        return self.run(self.token_ids(texts, truncate))
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: Pooling) -> np.ndarray:

@@ -98,8 +98,18 @@ BAD_SERVICES = [
     ),
     ({"models": ["a.yaml"], "limits": {"max_batch": 0}}, "field 'limits.max_batch': must be greater than 0 (got 0)"),
     (
+        {"models": ["a.yaml"], "limits": {"max_input_chars": 0}},
+        "field 'limits.max_input_chars': must be greater than 0 (got 0)",
+    ),
+    (
+        {"models": ["a.yaml"], "limits": {"max_body_bytes": 1 << 30}},
+        "field 'limits.max_body_bytes': must be less than or equal to 67108864 (got 1073741824)",
+    ),
+    ({"models": ["a.yaml"], "threads": 0}, "field 'threads': must be greater than or equal to 1 (got 0)"),
+    (
         {"models": ["a.yaml"], "limits": {"max_seq": 10}},
-        "field 'limits.max_seq': unknown key; allowed keys: max_batch, max_body_bytes, max_seq_len, truncate",
+        "field 'limits.max_seq': unknown key; allowed keys: max_batch, max_body_bytes, max_input_chars, "
+        "max_request_chars, max_seq_len, truncate",
     ),
     ({"budget_mb": "512MB", "models": ["a.yaml"]}, "field 'budget_mb': must be a valid number (got '512MB')"),
     (

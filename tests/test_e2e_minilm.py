@@ -26,6 +26,7 @@ from tests.helpers import REPO, memfit
 
 pytestmark = pytest.mark.e2e
 SERVICE = REPO / "configs" / "service.yaml"
+PROOF_SLACK = 1.05  # a real gunicorn worker may exceed the one-process proof by at most 5%
 
 
 def manifest(run: MinilmRun) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def test_real_service_stays_within_budget_under_500_mixed_requests(minilm_run: M
     print(f"service peak {peak}, worker VmHWM {worker_hwm:.1f} MB, manifest {m['metrics']['peak_rss_mb']} MB, {load}")
     assert load["failures"] == []
     assert peak["total_rss"] <= config.budget_mb
-    assert worker_hwm <= m["metrics"]["peak_rss_mb"] + config.headroom_mb
+    assert worker_hwm <= m["metrics"]["peak_rss_mb"] * PROOF_SLACK
 
 
 def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp_path: Path) -> None:
@@ -138,5 +139,5 @@ def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp
         worker_hwm = status_mb("VmHWM", service.worker_pids()[0])
     assert load["failures"] == []
     print(f"worker VmHWM {worker_hwm:.1f} MB serving 32 x 128 requests; peak {sampler.peak()}")
-    assert worker_hwm <= metrics["peak_rss_mb"] + config.headroom_mb
+    assert worker_hwm <= metrics["peak_rss_mb"] * PROOF_SLACK
     assert sampler.peak()["total_rss"] <= 290

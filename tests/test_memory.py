@@ -13,8 +13,8 @@ from tests.helpers import REPO
 
 AFTER_A_LARGE_FREE = """
 import json, sys
-from serve.memory import pin_mmap_threshold, status_mb
-pinned = pin_mmap_threshold() if sys.argv[1] == "pin" else False
+from serve.memory import pin_allocator, status_mb
+pinned = pin_allocator() if sys.argv[1] == "pin" else False
 large = bytearray(16 * 2**20); del large  # freed: a dynamic threshold now rises to 16 MB
 before = status_mb()
 blocks = [bytearray(2**20) for _ in range(60)]

@@ -34,7 +34,21 @@ def test_both_tasks_are_approved_with_complete_manifests(tiny_run: TinyRun) -> N
     clf = load_approved(tiny_run.artifacts / "tiny-clf").manifest
     for manifest in (embed, clf):
         assert set(manifest) >= MANIFEST_KEYS
-        assert manifest["limits"] == {"max_batch": 8, "max_seq_len": 64, "max_tokens_per_run": 512}
+        # What the proof covers: the model runs, and the request path up to these limits.
+        chars = manifest["limits"]["max_input_chars"]
+        assert manifest["limits"] == {
+            "max_batch": 8,
+            "max_seq_len": 64,
+            "max_tokens_per_run": 512,
+            "max_body_bytes": 1_048_576,
+            "max_input_chars": chars,
+            "max_request_chars": 8 * chars,
+            "threads": 16,
+        }
+        assert chars == 64 * 19  # MiniLM's tokenizer: its longest piece is 18 characters
+        proof = manifest["metrics"]
+        assert proof["peak_rss_mb"] >= proof["model_run_peak_mb"]
+        assert sum(proof["request_path"]["statuses"].values()) == 2 * 2 * 10  # 10 bodies, TRUNCATE off/on, twice
         curve = manifest["metrics"]["memory_curve"]
         assert [p["tokens"] for p in curve["points"]] == [64, 128, 256, 512]
         assert manifest["metrics"]["peak_rss_mb"] > manifest["metrics"]["rss_after_imports_mb"] > 0

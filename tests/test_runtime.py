@@ -48,6 +48,26 @@ def test_too_long_input_is_reported_not_truncated(tiny_run: TinyRun) -> None:
     folder = load_approved(tiny_run.artifacts / "tiny-embed").folder
     runtime = ModelRuntime(folder, SessionSettings(), max_seq_len=16, max_tokens_per_run=64)
     with pytest.raises(InputTooLong) as caught:
-        runtime.encode(["fine", "word " * 40], truncate=False)
-    assert caught.value.index == 1 and caught.value.tokens > 16
-    assert len(runtime.encode(["word " * 40])[0].ids) == 16
+        runtime.token_ids(["fine", "word " * 40], truncate=False)
+    assert caught.value.index == 1 and caught.value.limit_name == "max_seq_len" and caught.value.size > 16
+    assert len(runtime.token_ids(["word " * 40])[0]) == 16
+
+
+def test_inputs_are_cut_or_refused_on_characters_before_tokenizing(tiny_run: TinyRun) -> None:
+    """The character window is max_seq_len × (longest vocabulary piece + 1): a million characters are
+    refused at once without truncation, cut to the window with it, and the cut never changes a result."""
+    from serve.artifacts import load_approved
+
+    folder = load_approved(tiny_run.artifacts / "tiny-embed").folder
+    runtime = ModelRuntime(folder, SessionSettings(), max_seq_len=16, max_tokens_per_run=64, max_batch=4)
+    longest = max(len(piece.removeprefix("##")) for piece in runtime.tokenizer.get_vocab())
+    assert runtime.max_input_chars == 16 * (longest + 1)
+    assert runtime.max_request_chars == 4 * runtime.max_input_chars
+    bomb = "!" * 1_000_000
+    with pytest.raises(InputTooLong) as caught:
+        runtime.token_ids(["fine", bomb], truncate=False)
+    assert (caught.value.index, caught.value.limit_name, caught.value.size) == (1, "max_input_chars", 1_000_000)
+    assert runtime.bound([bomb])[0] == "!" * runtime.max_input_chars
+    long_words = " ".join(["telecommunications"] * 200)
+    assert runtime.token_ids([long_words])[0] == runtime.tokenizer.encode(long_words).ids
+    assert ModelRuntime(folder, SessionSettings(), 16, 64, max_batch=4, max_request_chars=10).max_request_chars == 10

@@ -89,7 +89,7 @@ def test_quantized_alone_changes_one_node_and_restores_the_graph(tiny_run: TinyR
     model = onnx.load(str(optimized_model(tiny_run) / MODEL_FILE))
     before = model.SerializeToString()
     runtime = ModelRuntime(optimized_model(tiny_run), SessionSettings(), 64, 512)
-    feeds = runtime.feeds(runtime.encode(list(TEXTS[:8])))
+    feeds = runtime.feeds(runtime.token_ids(list(TEXTS[:8])))
     reference = first_output(model, feeds)
     weights = {w.name: w for w in model.graph.initializer}
     node = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights)

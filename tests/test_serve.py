@@ -98,7 +98,8 @@ def test_limits_are_named(service: GunicornService) -> None:
     reply = service.request("POST", "/api/embed", {"inputs": ["x"] * 9})
     assert reply.body["error"]["message"] == "9 inputs exceed max_batch (8)"
     reply = service.request("POST", "/api/embed", {"inputs": ["fine", "word " * 200]})
-    assert reply.body["error"]["message"].startswith("inputs[1] has more than max_seq_len (64) tokens")
+    expected = "inputs[1] has 208 tokens, over max_seq_len (64); shorten it or set TRUNCATE=true"
+    assert reply.body["error"]["message"] == expected
 
 
 def raw_status(port: int, head: bytes, chunks: list[bytes]) -> int:
@@ -116,7 +117,8 @@ def test_oversized_body_is_413_with_and_without_content_length(service: Gunicorn
     pid = service.worker_pids()[0]
     before = service.request("GET", "/api/health").body["rss_mb"]
     big = b'{"inputs": ["' + b"a" * 4_000_000 + b'"]}'
-    sized = f"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n".encode()
+    json_type = "Content-Type: application/json\r\n"
+    sized = f"POST /api/embed HTTP/1.1\r\nHost: x\r\n{json_type}Content-Length: {len(big)}\r\n\r\n".encode()
     assert raw_status(service.port, sized, [big]) == 413
     head = (
         b"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -131,7 +133,62 @@ def test_oversized_body_is_413_with_and_without_content_length(service: Gunicorn
 
 def test_unknown_route_and_method(service: GunicornService) -> None:
     assert service.request("GET", "/nope").status == 404
-    assert service.request("GET", "/api/embed").status == 405
+    reply = service.request("GET", "/api/embed")
+    assert reply.status == 405 and reply.headers["Allow"] == "POST"
+    assert service.request("POST", "/api/health", {}).headers["Allow"] == "GET, HEAD"
+    for path in ("/api//embed", "/api/embed/", "/api/embed//", "//api/embed"):  # never a redirect
+        reply = service.request("POST", path, {"inputs": ["x"]})
+        assert not 300 <= reply.status < 400 and "Location" not in reply.headers, (path, reply.status)
+        assert reply.status == (200 if path == "//api/embed" else 404), path  # leading slashes are one root
+
+
+HYGIENE = [
+    (
+        "lone surrogate",
+        b'{"inputs": ["fine", "ok \\udfff"]}',
+        422,
+        "inputs[1] is not valid Unicode: lone surrogate U+DFFF",
+    ),
+    (
+        "zero-width only",
+        '{"inputs": ["\u200b\u200c\u2060\ufeff"]}'.encode(),
+        422,
+        "inputs[0] has no visible characters",
+    ),
+    ("controls only", b'{"inputs": ["\\u0000\\u0007\\t\\n"]}', 422, "inputs[0] has no visible characters"),
+    ("combining marks only", '{"inputs": ["\u0301\u0302"]}'.encode(), 422, "inputs[0] has no visible characters"),
+    ("ideographic spaces", '{"inputs": ["\u3000\u00a0 "]}'.encode(), 422, "inputs[0] has no visible characters"),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "message"), [h[1:] for h in HYGIENE], ids=[h[0] for h in HYGIENE])
+def test_input_hygiene(service: GunicornService, raw: bytes, status: int, message: str) -> None:
+    reply = service.request("POST", "/api/embed", raw=raw)
+    assert reply.status == status and reply.body["error"]["message"].startswith(message), reply.body
+    visible = service.request("POST", "/api/embed", {"inputs": ["\u200b😀", "é", "記"]})
+    assert visible.status == 200
+
+
+def test_content_type_must_be_json(service: GunicornService) -> None:
+    """A text/plain or form POST needs no CORS preflight: any page a visitor opens could send one."""
+    body = json.dumps({"inputs": ["x"]}).encode()
+    for declared in ("text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1", None):
+        headers = {"Content-Type": declared} if declared else {"Content-Type": ""}
+        reply = service.request("POST", "/api/embed", raw=body, headers=headers)
+        assert reply.status == 415 and reply.body["error"]["code"] == "unsupported_media_type", declared
+    for declared in ("application/json", "application/json; charset=utf-8", "Application/JSON; charset=UTF-8"):
+        assert service.request("POST", "/api/embed", raw=body, headers={"Content-Type": declared}).status == 200
+
+
+def test_echoed_values_are_cut_and_api_responses_are_not_cached(service: GunicornService) -> None:
+    name = "m" * 900_000
+    reply = service.request("POST", "/api/embed", {"inputs": ["x"], "model": name})
+    assert reply.status == 404 and len(reply.raw) < 1000 and "(900,000 characters)" in reply.body["error"]["message"]
+    reply = service.request("POST", "/api/embed", {"inputs": ["x"], "k" * 5000: 1})
+    assert reply.status == 422 and len(reply.raw) < 1000
+    for method, path in [("GET", "/api/health"), ("POST", "/api/embed"), ("GET", "/nope")]:
+        reply = service.request(method, path, {"inputs": ["x"]} if method == "POST" else None)
+        assert reply.headers["X-Content-Type-Options"] == "nosniff" and reply.headers["Cache-Control"] == "no-store"
 
 
 def test_api_key_protects_everything_but_health_and_ready(tiny_run: TinyRun) -> None:
@@ -146,6 +203,20 @@ def test_api_key_protects_everything_but_health_and_ready(tiny_run: TinyRun) -> 
             assert keyed.request(method, path, body, headers={"Authorization": "Bearer s3cret"}).status == 200
         assert keyed.request("GET", "/api/health").status == 200
         assert keyed.request("GET", "/api/ready").status == 200
+
+
+def test_limits_below_the_proof_are_enforced_and_above_it_refused(tiny_run: TinyRun) -> None:
+    """An operator may lower a proven limit (here the characters per request); raising one past what the
+    approval proves leaves the model unserved, naming the limit."""
+    with GunicornService(tiny_run.service, env={"MAX_REQUEST_CHARS": "20"}) as lowered:
+        reply = lowered.request("POST", "/api/embed", {"inputs": ["a" * 15, "b" * 15]})
+        assert reply.status == 422 and reply.body["error"]["limit"] == "max_request_chars"
+        assert reply.body["error"]["message"] == "the request has 30 characters, over max_request_chars (20)"
+    with GunicornService(tiny_run.service, env={"MAX_BODY_BYTES": "4194304"}, wait_ready=False) as raised:
+        reply = raised.request("GET", "/api/ready")
+        assert (
+            reply.status == 503 and "max_body_bytes 4,194,304 exceeds the 1,048,576" in reply.body["error"]["message"]
+        )
 
 
 def test_planner_refuses_workers_that_do_not_fit(tiny_run: TinyRun) -> None:

@@ -152,7 +152,7 @@ def rank_nodes(model_path: Path, calibration: Calibration, config: MixedPrecisio
     weights = {w.name: w for w in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in WEIGHT_INPUT and n.input[WEIGHT_INPUT[n.op_type]] in weights]
     runtime = calibration.runtime(calibration.reference)
-    feeds = runtime.feeds(runtime.encode(list(calibration.texts[: config.ranking_texts])))
+    feeds = runtime.feeds(runtime.token_ids(list(calibration.texts[: config.ranking_texts])))
     reference = first_output(model, feeds)
     errors = {}
     for node in bar(nodes, "rank nodes by int8 sensitivity"):

@@ -59,8 +59,13 @@ def build_manifest(
     gates: Gates,
 ) -> dict[str, Any]:
     limits = context.service.limits
+    proven = measurement.request_path
+    if proven is None:
+        raise ValueError(f"{candidate.variant}: approved without a request-path proof")
     metrics: dict[str, Any] = {
         "peak_rss_mb": measurement.peak_rss_mb,
+        "model_run_peak_mb": measurement.model_run_peak_mb,
+        "request_path": proven,
         "ru_maxrss_mb": measurement.ru_maxrss_mb,
         "rss_after_load_mb": measurement.rss_after_load_mb,
         "rss_after_imports_mb": measurement.rss_after_imports_mb,
@@ -96,6 +101,10 @@ def build_manifest(
             "max_batch": limits.max_batch,
             "max_seq_len": limits.max_seq_len,
             "max_tokens_per_run": measurement.max_tokens_per_run,
+            "max_body_bytes": limits.max_body_bytes,
+            "max_input_chars": proven["max_input_chars"],
+            "max_request_chars": proven["max_request_chars"],
+            "threads": context.service.threads,
         },
         "budget_mb": context.service.budget_mb,
         "budget_share_mb": context.share_mb,

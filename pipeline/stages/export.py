@@ -38,9 +38,9 @@ def reference_outputs(source: SourceModel, task: str, runtime: ModelRuntime, tex
     loader = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
     model = loader.from_pretrained(str(source.folder), use_safetensors=True).eval()
     worst = 0.0
-    encodings = runtime.encode(texts)
-    for start in range(0, len(encodings), REFERENCE_BATCH):
-        feeds = runtime.feeds(encodings[start : start + REFERENCE_BATCH])
+    rows = runtime.token_ids(texts)
+    for start in range(0, len(rows), REFERENCE_BATCH):
+        feeds = runtime.feeds(rows[start : start + REFERENCE_BATCH])
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         expected = (out.logits if task == "text-classification" else out.last_hidden_state).numpy()
@@ -112,7 +112,7 @@ class ExportStage:
         limits = context.service.limits
         runtime = ModelRuntime(out, SessionSettings(), limits.max_seq_len, context.max_tokens_per_run)
         pool = state.require("dataset").test.texts
-        fitting = [t for t, e in zip(pool, runtime.encode(pool), strict=True) if not e.overflowing]
+        fitting = [t for t, e in zip(pool, runtime.tokenizer.encode_batch(pool), strict=True) if not e.overflowing]
         texts = fitting[: self.config.validation_examples]
         with step(f"{context.model.name}: validate ONNX against PyTorch on {len(texts)} real texts"):
             validation = {

@@ -31,7 +31,19 @@ from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
 TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
-MEASUREMENT_VERSION = 6  # bump when probing changes: cached measurements keyed on it are then redone
+MEASUREMENT_VERSION = 7  # bump when probing changes: cached measurements keyed on it are then redone
+
+
+def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
+    """What a proof probe's request path covered: the limits it proved, and its answers."""
+    if probe["request_path"] is None:
+        return None
+    return {
+        **probe["request_path"],
+        "peak_before_mb": probe["vmhwm_before_request_path_mb"],
+        "max_input_chars": probe["max_input_chars"][0],
+        "max_request_chars": probe["max_request_chars"][0],
+    }
 
 
 def timings(probe: dict[str, Any]) -> dict[str, float]:
@@ -58,11 +70,13 @@ class MeasureStage:
     gates: Gates
     name: str = "measure"
 
-    def probe(self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int) -> dict[str, Any]:
+    def probe(
+        self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int, proof: bool = False
+    ) -> dict[str, Any]:
+        """One probe at `rows` full-length rows per run; `proof` adds the request path's hostile bodies."""
         try:
             model = {"folder": str(candidate.folder), "session_options": options, "batch": rows}
-            limits = context.service.limits
-            return run_probe([model], seq_len=limits.max_seq_len, max_batch=limits.max_batch, repeats=self.repeats)
+            return run_probe([model], context.service, repeats=self.repeats, request_path=proof)
         except ProbeError as exc:
             raise StageError(f"{context.model.name}: {candidate.variant}: {exc}") from None
 
@@ -109,8 +123,17 @@ class MeasureStage:
                     rows -= 1
                     results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
         chosen = results[rows]
+        if full:  # the proof: the chosen micro-batch, then the largest bodies the service accepts
+            chosen = self.probe(context, candidate, options, rows, proof=True)
+            if chosen["vmhwm_mb"] > share and rows > 1 and curve is not None:
+                request_path_mb = chosen["vmhwm_mb"] - results[rows]["vmhwm_mb"]
+                rows = max(1, curve.rows_within(share - request_path_mb, limits.max_seq_len, rows - 1))
+                results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
+                chosen = self.probe(context, candidate, options, rows, proof=True)
         return Measurement(
             peak_rss_mb=chosen["vmhwm_mb"],
+            model_run_peak_mb=results[rows]["vmhwm_mb"],
+            request_path=request_path_figures(chosen),
             ru_maxrss_mb=chosen["ru_maxrss_mb"],
             rss_after_imports_mb=chosen["rss_after_imports_mb"],
             rss_after_load_mb=chosen["rss_after_load_mb"],
@@ -134,6 +157,7 @@ class MeasureStage:
             variants=self.variants,
             repeats=self.repeats,
             limits=context.service.limits.model_dump(),
+            threads=context.service.threads,
             share_mb=context.share_mb,
         )
         found = context.results.get("measurement", key)

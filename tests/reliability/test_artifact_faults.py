@@ -114,6 +114,6 @@ def test_service_refuses_an_approved_model_with_escaping_external_data(tiny_copy
 
     from serve.app import Service
 
-    service = Service(tiny_copy.service)
+    service = Service.from_config(tiny_copy.service)
     assert "tiny-embed" not in service.models
     assert "external data '../../../../etc/passwd' refused" in service.failures["tiny-embed"]

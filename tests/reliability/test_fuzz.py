@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from pipeline.config import ModelConfig
 from pipeline.servebench import GunicornService
-from serve.app import parse_inputs, parse_json, read_body
+from serve.app import parse_json, read_body
 from serve.config import ConfigError, Limits, ServiceConfig, load_config
 from serve.errors import ServiceError
+from serve.inputs import parse_inputs
 from tests.conftest import TinyRun
 
 pytestmark = pytest.mark.reliability

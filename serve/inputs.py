@@ -1,0 +1,71 @@
+"""A request's inputs, checked before any tokenizer sees them: structure, count, Unicode hygiene.
+
+Length in characters is bounded per model by `ModelRuntime.bound` (it knows the tokenizer); what is
+checked here holds for every model: a JSON object with a list of at most `max_batch` strings, each
+encodable as UTF-8 and holding at least one visible character.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from serve import errors
+from serve.config import Limits
+
+SHOWN_CHARS = 100
+# Categories that render nothing on their own: control, format (zero-width), surrogate, private use,
+# unassigned, separators, and combining marks with no base character.
+INVISIBLE_CATEGORIES = ("C", "Z", "M")
+
+
+def shown(value: Any) -> str:
+    """`value` as it may be echoed in an error: its repr, cut to about SHOWN_CHARS characters."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as shown"
+    return f"{text[:SHOWN_CHARS]}… ({size})"
+
+
+def parse_inputs(payload: Any, limits: Limits) -> tuple[str | None, list[str]]:
+    """(model name or None, inputs) from `{"model": ..., "inputs": [...]}`; 400/422 on anything else."""
+    if not isinstance(payload, dict):
+        raise errors.bad_request('body must be a JSON object like {"inputs": ["text", ...]}')
+    unknown = sorted(set(payload) - {"model", "inputs"})
+    if unknown:
+        raise errors.unprocessable(f"unknown field {shown(unknown[0])}; allowed: model, inputs")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise errors.unprocessable("'model' must be a string")
+    inputs = payload.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list):
+        raise errors.bad_request("'inputs' must be a list of strings")
+    if not inputs:
+        raise errors.bad_request("'inputs' is empty")
+    if len(inputs) > limits.max_batch:
+        raise errors.unprocessable(
+            f"{len(inputs)} inputs exceed max_batch ({limits.max_batch})", limit="max_batch", value=limits.max_batch
+        )
+    for index, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise errors.unprocessable(f"inputs[{index}] is not a string")
+    return model, inputs
+
+
+def check_text(index: int, text: str) -> None:
+    """422 for a text that cannot be encoded as UTF-8 (a lone surrogate, as JavaScript clients send when
+    they cut a string inside an emoji) or that has no visible character after NFKC normalization."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        raise errors.unprocessable(
+            f"inputs[{index}] is not valid Unicode: lone surrogate U+{code:04X} at position {exc.start}"
+        ) from None
+    if not any(
+        unicodedata.category(char)[0] not in INVISIBLE_CATEGORIES for char in unicodedata.normalize("NFKC", text)
+    ):
+        raise errors.unprocessable(f"inputs[{index}] has no visible characters")

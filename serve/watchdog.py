@@ -1,0 +1,75 @@
+"""The memory watchdog: after each request a worker compares its RSS with its proven peak.
+
+A worker over `proven peak × (1 + WATCHDOG_MARGIN_PCT / 100)` has answered its request; it then exits
+gracefully and gunicorn starts a fresh one, so memory that the proof does not cover is never kept
+silently. Each recycle is logged and appended to a file the master creates for the service's run, so
+`/api/health` shows the count across worker generations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve.memory import status_mb
+
+log = logging.getLogger("memfit.serve")
+RUN_DIR_ENV = "MEMFIT_RUN_DIR"
+RECYCLES_FILE = "recycles.jsonl"
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    proven_peak_mb: float
+    margin_pct: float
+
+    @property
+    def limit_mb(self) -> float:
+        return self.proven_peak_mb * (1 + self.margin_pct / 100)
+
+    def over_limit(self) -> float | None:
+        """This process's RSS in MB when it is over the limit (the recycle is then recorded), else None."""
+        rss = status_mb()
+        if rss <= self.limit_mb:
+            return None
+        log.warning(
+            "worker %d: RSS %.1f MB is over its proven peak %.1f MB + %g%% (%.1f MB); recycling after this request",
+            os.getpid(),
+            rss,
+            self.proven_peak_mb,
+            self.margin_pct,
+            self.limit_mb,
+        )
+        record = {"pid": os.getpid(), "rss_mb": round(rss, 1), "limit_mb": round(self.limit_mb, 1), "at": time.time()}
+        path = recycles_path()
+        if path is not None:
+            with path.open("a", encoding="utf-8") as handle:  # one short line per append: atomic
+                handle.write(json.dumps(record) + "\n")
+        return rss
+
+    def status(self) -> dict[str, Any]:
+        path = recycles_path()
+        lines = path.read_text(encoding="utf-8").splitlines() if path is not None and path.exists() else []
+        return {
+            "proven_peak_mb": round(self.proven_peak_mb, 1),
+            "limit_mb": round(self.limit_mb, 1),
+            "recycles": len(lines),
+            "last_recycle": json.loads(lines[-1]) if lines else None,
+        }
+
+
+def recycles_path() -> Path | None:
+    folder = os.environ.get(RUN_DIR_ENV)
+    return Path(folder) / RECYCLES_FILE if folder else None
+
+
+def margin_pct() -> float:
+    value = float(os.environ.get("WATCHDOG_MARGIN_PCT", "5"))
+    if value < 0:
+        raise ValueError(f"WATCHDOG_MARGIN_PCT must be 0 or more (got {value:g})")
+    return value

@@ -1,0 +1,109 @@
+"""The gunicorn worker: gthread (one process, one copy of the models, a few threads reading requests),
+with every client read and write bounded in time.
+
+Why this worker: the sync worker reads a request in its only thread with no timeout, so one idle or
+slow client stalls every other client for TIMEOUT and then gets the worker killed. An async worker
+would need an event-loop library and still block its loop during inference. gthread keeps one process
+and reads requests in threads; the service runs inference one request at a time under a lock, so
+activations never exceed what the build proves, while health checks and other reads go on. Three
+things are added to gunicorn's gthread here:
+
+- a connection with no bytes waits in the poller, never in a thread (closed after KEEPALIVE seconds);
+- a request (headers and body) must arrive within READ_TIMEOUT seconds of its first byte;
+- each write of the response must complete within WRITE_TIMEOUT seconds (a client that never reads).
+
+A slow client therefore holds one thread for at most READ_TIMEOUT (or WRITE_TIMEOUT) seconds; more
+simultaneous slow clients than THREADS - 1 need a buffering proxy in front (see README).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import time
+from typing import Any
+
+from gunicorn.http.errors import NoMoreData
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
+
+log = logging.getLogger("memfit.serve")
+READ_TIMEOUT_S = float(os.environ.get("READ_TIMEOUT", "10"))
+WRITE_TIMEOUT_S = float(os.environ.get("WRITE_TIMEOUT", "10"))
+
+
+class ClientTooSlow(NoMoreData, TimeoutError):
+    """A request that did not arrive within READ_TIMEOUT. gunicorn closes the connection quietly when it
+    is raised while reading headers; the service answers 408 when it is raised while reading a body."""
+
+    def __str__(self) -> str:
+        return f"request not received within READ_TIMEOUT ({READ_TIMEOUT_S:g} s)"
+
+
+class DeadlineSocket:
+    """A client socket whose reads share one deadline per request and whose writes each get
+    WRITE_TIMEOUT; everything else is the socket's own."""
+
+    def __init__(self, sock: socket.socket, peer: Any):
+        self._sock = sock
+        self._peer = peer
+        self.read_deadline = math.inf
+
+    def start_request(self) -> None:
+        self.read_deadline = time.monotonic() + READ_TIMEOUT_S
+
+    def _bounded(self, seconds: float) -> float | None:
+        """Set the socket timeout to at most `seconds`; returns the timeout to restore."""
+        prior = self._sock.gettimeout()
+        if prior != 0.0:  # non-blocking mode (the poller's) is left alone
+            self._sock.settimeout(seconds if prior is None else min(prior, seconds))
+        return prior
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        remaining = self.read_deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._too_slow()
+        prior = self._bounded(remaining)
+        try:
+            return self._sock.recv(size, *flags)
+        except TimeoutError:
+            raise self._too_slow() from None
+        finally:
+            self._sock.settimeout(prior)
+
+    def sendall(self, data: bytes, *flags: int) -> None:
+        prior = self._bounded(WRITE_TIMEOUT_S)
+        try:
+            self._sock.sendall(data, *flags)
+        except TimeoutError:
+            log.warning(
+                "client %s did not read its response within WRITE_TIMEOUT (%g s); closed", self._peer, WRITE_TIMEOUT_S
+            )
+            raise BrokenPipeError(errno.EPIPE, "client stopped reading") from None
+        finally:
+            self._sock.settimeout(prior)
+
+    def send(self, data: bytes, *flags: int) -> int:
+        self.sendall(data, *flags)
+        return len(data)
+
+    def _too_slow(self) -> ClientTooSlow:
+        log.warning("client %s sent no complete request within READ_TIMEOUT (%g s); closed", self._peer, READ_TIMEOUT_S)
+        return ClientTooSlow()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class BoundedThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker with the time bounds above (`worker_class` in serve/gunicorn.conf.py)."""
+
+    def handle(self, conn: Any) -> Any:
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
+            return _DEFER  # nothing sent yet: wait in the poller, not in a thread
+        if not isinstance(conn.sock, DeadlineSocket):
+            conn.sock = DeadlineSocket(conn.sock, conn.client)
+        conn.sock.start_request()
+        return super().handle(conn)

@@ -1,0 +1,36 @@
+"""The kernel's count: a child memory cgroup holds only the processes memfit starts, reports their peak
+and OOM kills, and is always removed. Skipped (with the reason) where no cgroup can be created."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cgroup import MemoryCgroup, unavailable_reason
+
+REASON = unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"memory cgroup: {REASON}")
+ALLOCATE = "import sys, time; block = bytearray(int(sys.argv[1]) << 20); block[::4096] = b'x' * len(block[::4096])"
+
+
+def run_in(group: MemoryCgroup, mb: int) -> int:
+    done = subprocess.run([sys.executable, "-c", ALLOCATE, str(mb)], preexec_fn=group.join, timeout=60, check=False)
+    return done.returncode
+
+
+def test_a_process_within_the_limit_is_counted_once() -> None:
+    with MemoryCgroup(128) as group:
+        assert run_in(group, 40) == 0
+        figures = group.figures()
+    assert 40 <= figures.peak_mb <= 128 and figures.oom_kills == 0
+    assert not group.path.exists()
+
+
+def test_a_process_over_the_limit_is_oom_killed_and_reported() -> None:
+    with MemoryCgroup(64) as group:
+        assert run_in(group, 200) == -9
+        figures = group.figures()
+    assert figures.oom_kills == 1 and figures.failcnt > 0
+    assert not group.path.exists()
