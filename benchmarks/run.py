@@ -34,9 +34,10 @@ from pipeline.config import LoadedConfigs
 from pipeline.data import load_dataset
 from pipeline.fidelity import FidelityReference
 from pipeline.measure import PROJECT_ROOT
+from pipeline.provenance import versions
+from pipeline.sampler import SamplerProcess
 from pipeline.servebench import GunicornService, MemorySampler, request_mix
 from pipeline.sources import data_path
-from pipeline.stages.approve import versions
 from pipeline.stages.evaluate import fit_probe
 from serve.artifacts import load_approved
 from serve.memory import status_mb
@@ -107,18 +108,12 @@ def measure(contender: Contender, workload: Workload, service_config: Path, outp
     with service:
         time.sleep(1.0)  # let the worker settle after its first ready answer
         idle = MemorySampler(service.master_pid).sample()
-        sampler = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.sampler", str(service.master_pid)],
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        single = timed(service, workload.single)
-        batch = timed(service, workload.batch)
-        load = concurrent_load(service.port, workload.load)
-        vectors = (embed(service, workload.train), embed(service, workload.test)) if outputs else None
-        sampled = json.loads(sampler.communicate("")[0].strip().splitlines()[-1])
+        with SamplerProcess(service.master_pid) as sampler:
+            single = timed(service, workload.single)
+            batch = timed(service, workload.batch)
+            load = concurrent_load(service.port, workload.load)
+            vectors = (embed(service, workload.train), embed(service, workload.test)) if outputs else None
+        sampled = sampler.result
         worker_hwm = status_mb("VmHWM", service.worker_pids()[0])
     figures = {
         "cold_start_s": round(service.cold_start_s or 0.0, 2),

@@ -1,8 +1,9 @@
 """Per-candidate results on disk, keyed by everything that decides them, so a rerun skips the work.
 
 A key is the hash of a JSON description: the candidate's model bytes (sha256), the source weights,
-the settings, data and limits the result depends on, and a version per result kind (bumped when the
-way it is computed changes). A changed input is a different key, never a stale hit.
+the settings, data and limits the result depends on, a version per result kind (bumped when the way
+it is computed changes), and the runtime's versions and the CPU's flags. A changed input is a different
+key, never a stale hit.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.provenance import runtime_fingerprint
 from serve.artifacts import read_json
 
 
 def cache_key(**parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+    """The key of a result that depends on `parts`, and on the runtime versions and CPU flags."""
+    text = json.dumps({**parts, "runtime": runtime_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

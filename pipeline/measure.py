@@ -19,6 +19,12 @@ class ProbeError(RuntimeError):
     pass
 
 
+def probe_env() -> dict[str, str]:
+    """The environment of a measuring subprocess: this one's, with the project importable."""
+    path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_probe(
     models: list[dict[str, Any]], service: ServiceConfig, repeats: int, request_path: bool = False
 ) -> dict[str, Any]:
@@ -33,15 +39,11 @@ def run_probe(
         "repeats": repeats,
         "request_path": request_path,
     }
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-    }
     done = subprocess.run(
         [sys.executable, "-m", "serve.probe", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env=env,
+        env=probe_env(),
         cwd=PROJECT_ROOT,
         timeout=900,
         check=False,

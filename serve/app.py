@@ -25,7 +25,7 @@ from serve.config import ConfigError, Limits, load_service_config, model_names, 
 from serve.errors import ServiceError
 from serve.inputs import check_text, parse_inputs, shown
 from serve.loader import ServedModel, open_approved
-from serve.memory import pin_allocator, status_mb
+from serve.memory import allocator_pinned, pin_allocator, status_mb
 from serve.openapi import openapi_document
 from serve.planner import proven_worker_peak
 from serve.runtime import InputTooLong
@@ -183,6 +183,7 @@ class Service:
             "status": "ok",
             "pid": os.getpid(),
             "rss_mb": round(status_mb(), 1),
+            "allocator_pinned": allocator_pinned(),
             "models": {name: m.variant for name, m in self.models.items()} | dict.fromkeys(self.failures),
             "watchdog": self.watchdog.status() if self.watchdog else None,
         }
@@ -269,7 +270,8 @@ class Service:
 
 def create_app(config_path: str | None = None) -> Service:
     """The WSGI app for one worker (gunicorn calls this after fork: sessions are never shared)."""
-    pin_allocator()
+    if not pin_allocator():
+        log.warning("glibc's mmap threshold and arenas could not be pinned: this worker may exceed its proven peak")
     try:
         return Service.from_config(config_path or os.environ.get("SERVICE_CONFIG", DEFAULT_CONFIG))
     except ConfigError as exc:

@@ -12,6 +12,14 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 ARENAS = 1
 
 
+_pinned: list[bool] = []  # this process's pin_allocator() result, once called
+
+
+def allocator_pinned() -> bool | None:
+    """Whether this process's pin_allocator() succeeded (None: never called)."""
+    return _pinned[-1] if _pinned else None
+
+
 def pin_allocator(threshold: int = MMAP_THRESHOLD_BYTES, arenas: int = ARENAS) -> bool:
     """Keep glibc's heap where the build measured it. By default each freed large block raises the mmap
     threshold to its size, so later buffers of other shapes come from the heap, which glibc seldom gives
@@ -22,9 +30,11 @@ def pin_allocator(threshold: int = MMAP_THRESHOLD_BYTES, arenas: int = ARENAS) -
     measures is what the worker does. False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
+        pinned = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        pinned = False
+    _pinned.append(pinned)
+    return pinned
 
 
 def status_mb(field: str = "VmRSS", pid: int | str = "self") -> float:

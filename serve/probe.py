@@ -143,7 +143,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from serve.runtime import ModelRuntime, SessionSettings
 
     after_imports = status_mb()
-    pin_allocator()  # as the service's app factory does
+    pinned = pin_allocator()  # as the service's app factory does
     limits = spec["limits"]
     seq_len, max_batch = limits["max_seq_len"], limits["max_batch"]
     runtimes, loaded = [], []
@@ -185,6 +185,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "vmhwm_mb": round(status_mb("VmHWM"), 1),
         "vmhwm_before_request_path_mb": round(before_request_path, 1),
         "request_path": bodies,
+        "allocator_pinned": pinned,
         "max_input_chars": [runtime.max_input_chars for runtime in runtimes],
         "max_request_chars": [runtime.max_request_chars for runtime in runtimes],
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],

@@ -49,6 +49,8 @@ def test_both_tasks_are_approved_with_complete_manifests(tiny_run: TinyRun) -> N
         proof = manifest["metrics"]
         assert proof["peak_rss_mb"] >= proof["model_run_peak_mb"]
         assert sum(proof["request_path"]["statuses"].values()) == 2 * 2 * 10  # 10 bodies, TRUNCATE off/on, twice
+        assert proof["request_path"]["allocator_pinned"] is True
+        assert manifest["machine"]["cpu_flags_sha256"]
         curve = manifest["metrics"]["memory_curve"]
         assert [p["tokens"] for p in curve["points"]] == [64, 128, 256, 512]
         assert manifest["metrics"]["peak_rss_mb"] > manifest["metrics"]["rss_after_imports_mb"] > 0

@@ -35,7 +35,8 @@ def worker_answers_ok(service: GunicornService, pid: int) -> None:
 def test_health_ready_models_openapi(service: GunicornService) -> None:
     health = service.request("GET", "/api/health").body
     assert health["status"] == "ok" and set(health["models"]) == {"tiny-embed", "tiny-clf"}
-    assert health["rss_mb"] > 0
+    assert health["rss_mb"] > 0 and health["allocator_pinned"] is True
+    assert health["watchdog"]["recycles"] == 0
     assert service.request("GET", "/api/ready").body == {"ready": True, "models": ["tiny-clf", "tiny-embed"]}
     models = service.request("GET", "/api/models").body["models"]
     assert {m["name"]: m["task"] for m in models} == {

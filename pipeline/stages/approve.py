@@ -6,19 +6,17 @@ replaced (atomically). If nothing passes, the previous approval is left untouche
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, json_bytes, remove_leftovers, write_bytes_atomic
 from pipeline.config import Gates
 from pipeline.gates import select
+from pipeline.provenance import machine, versions
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel
 from serve.artifacts import (
     APPROVED_FILE,
@@ -34,19 +32,7 @@ from serve.onnx_refs import check_external_data
 from serve.runtime import MODEL_FILE, TOKENIZER_FILE
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
-VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
 KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
-
-
-def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
-    """Python and each installed package's version (None when not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def build_manifest(
@@ -112,7 +98,7 @@ def build_manifest(
         "gates": gates.model_dump(),
         "versions": versions(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+        "machine": machine(),
     }
 
 

@@ -95,7 +95,7 @@ class EvaluateStage:
             model=sha256_file(candidate.folder / MODEL_FILE),
             data=dataset.fingerprint,
             eval=self.config.model_dump(),
-            limits=context.service.limits.model_dump(),
+            limits=context.service.limits.model_dump(include={"max_batch", "max_seq_len"}),  # body limits: no effect
             session=context.model.session_options.model_dump(),
         )
 

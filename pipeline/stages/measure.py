@@ -41,6 +41,7 @@ def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
     return {
         **probe["request_path"],
         "peak_before_mb": probe["vmhwm_before_request_path_mb"],
+        "allocator_pinned": probe["allocator_pinned"],
         "max_input_chars": probe["max_input_chars"][0],
         "max_request_chars": probe["max_request_chars"][0],
     }

@@ -1,0 +1,53 @@
+"""Where a figure comes from: package versions and the machine. The manifest records both, and every
+cached result is keyed by what can change it (the runtime's versions and the CPU's instruction sets)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
+RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")  # what the probe and the service run
+
+
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+    """Python and each installed package's version (None when not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@cache
+def machine() -> dict[str, object]:
+    """CPU count, platform, CPU model and its instruction-set flags (as /proc/cpuinfo lists them, and
+    their sha256: ONNX Runtime picks kernels by them, so speed and memory figures depend on them)."""
+    model, flags = "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = " ".join(sorted(value.split()))
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "cpu": model,
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+    }
+
+
+def runtime_fingerprint() -> dict[str, object]:
+    """What every cached evaluation or measurement depends on beyond its own inputs."""
+    return {"versions": versions(RUNTIME_PACKAGES), "cpu_flags": machine()["cpu_flags_sha256"]}
