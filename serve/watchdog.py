@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve.config import ConfigError
 from serve.memory import status_mb
 
 log = logging.getLogger("memfit.serve")
@@ -69,7 +70,12 @@ def recycles_path() -> Path | None:
 
 
 def margin_pct() -> float:
-    value = float(os.environ.get("WATCHDOG_MARGIN_PCT", "5"))
-    if value < 0:
-        raise ValueError(f"WATCHDOG_MARGIN_PCT must be 0 or more (got {value:g})")
+    """WATCHDOG_MARGIN_PCT (5); a value that is not a number of 0 or more is a one-line config error."""
+    raw = os.environ.get("WATCHDOG_MARGIN_PCT", "5")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"WATCHDOG_MARGIN_PCT must be a number of 0 or more (got {raw!r})")
     return value

@@ -257,3 +257,18 @@ def test_serve_never_imports_the_build_stack(tiny_run: TinyRun) -> None:
         [sys.executable, "-c", code, str(tiny_run.service)], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_bad_watchdog_margin_is_a_one_line_error(tiny_run: TinyRun) -> None:
+    code = "import sys; from serve.app import create_app; create_app(sys.argv[1])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_run.service)],
+        cwd=REPO,
+        env={**os.environ, "WATCHDOG_MARGIN_PCT": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "memfit serve: WATCHDOG_MARGIN_PCT must be a number of 0 or more (got '-1')"

@@ -17,7 +17,7 @@ from pipeline.servebench import GunicornService
 from serve.app import parse_json, read_body
 from serve.config import ConfigError, Limits, ServiceConfig, load_config
 from serve.errors import ServiceError
-from serve.inputs import parse_inputs
+from serve.inputs import check_text, parse_inputs
 from tests.conftest import TinyRun
 
 pytestmark = pytest.mark.reliability
@@ -34,6 +34,8 @@ def test_any_body_is_parsed_or_refused_with_a_4xx(body: bytes) -> None:
     environ = {"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
     try:
         _model, inputs = parse_inputs(parse_json(read_body(environ, LIMITS.max_body_bytes)), LIMITS)
+        for index, text in enumerate(inputs):
+            check_text(index, text)  # emptiness and Unicode hygiene are checked here now
     except ServiceError as exc:
         assert 400 <= exc.status < 500 and exc.message
         return
