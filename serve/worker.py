@@ -50,6 +50,7 @@ class DeadlineSocket:
         self._sock = sock
         self._peer = peer
         self.read_deadline = math.inf
+        self.request: Any = None  # the gunicorn request being read, closed after its answer if too slow
 
     def start_request(self) -> None:
         self.read_deadline = time.monotonic() + READ_TIMEOUT_S
@@ -90,6 +91,8 @@ class DeadlineSocket:
         return len(data)
 
     def _too_slow(self) -> ClientTooSlow:
+        if self.request is not None:
+            self.request.must_close = True  # the unread rest of the body must not be parsed as a request
         log.warning("client %s sent no complete request within READ_TIMEOUT (%g s); closed", self._peer, READ_TIMEOUT_S)
         return ClientTooSlow()
 
@@ -107,3 +110,10 @@ class BoundedThreadWorker(ThreadWorker):
             conn.sock = DeadlineSocket(conn.sock, conn.client)
         conn.sock.start_request()
         return super().handle(conn)
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        conn.sock.request = req
+        try:
+            return bool(super().handle_request(req, conn))
+        finally:
+            conn.sock.request = None
