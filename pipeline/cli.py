@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+from serve.artifacts import ArtifactError
 from serve.config import ConfigError
 
 DEFAULT_SERVICE = "configs/service.yaml"
@@ -27,8 +29,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from serve.artifacts import ArtifactError, load_approved
+    from serve.artifacts import load_approved
     from serve.config import load_service_config, resolve
+    from serve.prepacked import choose_weights
+    from serve.runtime import MODEL_FILE
 
     service, path = load_service_config(args.service)
     from pipeline.config import LoadedConfigs
@@ -39,11 +43,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         model_dir = resolve(path, service.artifacts_dir) / model.name
         try:
             artifact = load_approved(model_dir)
+            prepacking = not artifact.manifest["session_options"].get("disable_prepacking", False)
+            weights = choose_weights(artifact.folder / MODEL_FILE, service.shared_weights, prepacking)
         except ArtifactError as exc:
             print(f"memfit: verify {model.name}: FAILED: {exc}")
             failed += 1
             continue
-        print(f"memfit: verify {model.name}: ok ({artifact.variant_id}, {len(artifact.manifest['files'])} files)")
+        files = len(artifact.manifest["files"])
+        print(f"memfit: verify {model.name}: ok ({artifact.variant_id}, {files} files; {weights.reason})")
     return 1 if failed else 0
 
 
@@ -53,7 +60,8 @@ def cmd_check_baseline(args: argparse.Namespace) -> int:
 
     configs = LoadedConfigs(Path(args.service))
     names = [model.name for model, _ in configs.models]
-    result = check_baseline(configs.artifacts_dir, Path(args.baseline), names, args.tolerance)
+    service = configs.service_path.stem
+    result = check_baseline(configs.artifacts_dir, Path(args.baseline), names, service, args.tolerance)
     for line in result.notes:
         print(f"memfit: baseline: {line}")
     for line in result.failures:
@@ -62,9 +70,11 @@ def cmd_check_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from serve.planner import plan_from_config
+    from serve.planner import idle_master_mb, plan_from_config, table
 
     fits, message = plan_from_config(Path(args.service), workers=args.workers)
+    with contextlib.suppress(ArtifactError):
+        print("\n".join(table(Path(args.service), idle_master_mb())))
     print(message)
     return 0 if fits else 1
 

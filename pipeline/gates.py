@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from pipeline.config import Gates
 from pipeline.fidelity import Fidelity
+from pipeline.ranking import Timing
 from pipeline.state import Evaluation, Measurement, Verdict
 
 RSS_TIE = 0.02  # peak RSS repeats within ~1% here; 2% apart is not a real difference
-LATENCY_TIE = 0.10  # p50 on a shared 2-core machine drifts by several percent between runs
 
 
 def fidelity_failures(fidelity: Fidelity, gates: Gates) -> list[str]:
@@ -51,22 +51,76 @@ def select(
     gates: Gates,
     share_mb: float,
     objective: str,
+    timings: dict[str, Timing],
 ) -> tuple[Verdict, ...]:
-    """A verdict per eligible candidate; the passing one that best meets `objective` is chosen."""
+    """A verdict per eligible candidate; the passing one that best meets `objective` is chosen, and each
+    passing one carries why it was or was not (`timings`: pipeline/ranking.py, for every passing one)."""
     verdicts = [
         Verdict(name, gate_failures(evaluations[name], measurements[name], gates, share_mb)) for name in eligible
     ]
     passing = [v.variant for v in verdicts if v.passed]
     if not passing:
         return tuple(verdicts)
+    chosen, notes = rank(passing, evaluations, measurements, objective, timings)
+    return tuple(
+        Verdict(v.variant, v.failures, chosen=v.variant == chosen, note=notes.get(v.variant, "")) for v in verdicts
+    )
 
-    # Memory is compared on the same input for all (the whole worst case in one run): a candidate that fits
-    # only with smaller micro-batches shows a low peak there, yet needs more memory for the same work.
+
+def fidelity_score(evaluation: Evaluation) -> float:
+    """The one fidelity figure every task has: mean cosine to fp32, else top-1 agreement, else accuracy."""
+    fidelity = evaluation.fidelity
+    if fidelity.cosine_mean is not None:
+        return fidelity.cosine_mean
+    return fidelity.agreement if fidelity.agreement is not None else float(evaluation.accuracy["value"])
+
+
+def rank(
+    passing: list[str],
+    evaluations: dict[str, Evaluation],
+    measurements: dict[str, Measurement],
+    objective: str,
+    timings: dict[str, Timing],
+) -> tuple[str, dict[str, str]]:
+    """The chosen candidate and a note per candidate. Criteria in turn, each keeping only the candidates
+    tied with the best: speed (medians of interleaved rounds closer than their spread), worst-case peak (within
+    RSS_TIE; memory is compared on the same input for all: a candidate that fits only with smaller
+    micro-batches shows a low peak there, yet needs more memory for the same work), fidelity; then the
+    configured order. `objective` says whether speed or memory comes first."""
+    notes: dict[str, str] = {}
     rss = {name: measurements[name].worst_case_peak_mb for name in passing}
-    p50 = {name: evaluations[name].latency_ms["p50"] for name in passing}
-    primary, secondary, margin = (rss, p50, RSS_TIE) if objective == "lowest_peak_rss" else (p50, rss, LATENCY_TIE)
-    floor = min(primary.values())
-    # Figures within measurement noise of the best count as equal; the other figure decides among them.
-    tied = [name for name in passing if primary[name] <= floor * (1 + margin)]
-    best = min(tied, key=lambda name: (secondary[name], primary[name]))
-    return tuple(Verdict(v.variant, v.failures, chosen=v.variant == best) for v in verdicts)
+    score = {name: fidelity_score(evaluations[name]) for name in passing}
+
+    def by_speed(names: list[str]) -> list[str]:
+        fastest = min(names, key=lambda n: timings[n].median_ms)
+        for name in names:
+            if timings[fastest].faster_than(timings[name]):
+                notes[name] = f"slower: {timings[name].describe()} vs {fastest} {timings[fastest].describe()}"
+        return [n for n in names if n not in notes]
+
+    def by_memory(names: list[str]) -> list[str]:
+        lowest = min(names, key=lambda n: rss[n])
+        for name in names:
+            if rss[name] > rss[lowest] * (1 + RSS_TIE):
+                notes[name] = f"worst-case peak {rss[name]:.1f} MB vs {lowest} {rss[lowest]:.1f} MB"
+        return [n for n in names if n not in notes]
+
+    def by_fidelity(names: list[str]) -> list[str]:
+        best = max(names, key=lambda n: score[n])
+        for name in names:
+            if score[name] < score[best]:
+                notes[name] = f"less faithful: {score[name]:.4f} vs {best} {score[best]:.4f}"
+        return [n for n in names if n not in notes]
+
+    criteria = [by_speed, by_memory] if objective == "lowest_latency" else [by_memory, by_speed]
+    remaining = passing
+    for criterion in [*criteria, by_fidelity]:
+        if len(remaining) == 1:
+            break
+        remaining = criterion(remaining)
+    chosen = remaining[0]  # tied on every criterion: the configured order decides
+    for name in remaining[1:]:
+        notes[name] = f"tied with {chosen} on speed, memory and fidelity; listed after it"
+    speed = f"; {timings[chosen].describe()}" if chosen in timings else ""
+    notes[chosen] = f"best by {objective.replace('_', ' ')}{speed}; worst-case peak {rss[chosen]:.1f} MB"
+    return chosen, notes

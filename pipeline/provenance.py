@@ -3,12 +3,13 @@ cached result is keyed by what can change it (the runtime's versions and the CPU
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+
+from serve.prepacked import cpu_flags_sha256
 
 VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")  # what the probe and the service run
@@ -29,14 +30,12 @@ def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
 def machine() -> dict[str, object]:
     """CPU count, platform, CPU model and its instruction-set flags (as /proc/cpuinfo lists them, and
     their sha256: ONNX Runtime picks kernels by them, so speed and memory figures depend on them)."""
-    model, flags = "unknown", ""
+    model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags":
-                flags = " ".join(sorted(value.split()))
                 break
     except OSError:
         pass
@@ -44,7 +43,7 @@ def machine() -> dict[str, object]:
         "cpus": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),
         "cpu": model,
-        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "cpu_flags_sha256": cpu_flags_sha256(),
     }
 
 

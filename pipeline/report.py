@@ -25,9 +25,9 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
         if verdict is None:
             status, reason = "reference", "fp32 reference (not listed as a candidate)"
         elif verdict.chosen:
-            status, reason = "approved", "passes every gate; best by objective"
+            status, reason = "approved", verdict.note
         elif verdict.passed:
-            status, reason = "passed", "passes every gate; not best by objective"
+            status, reason = "passed", f"passes every gate; {verdict.note}"
         else:
             status, reason = "rejected", "; ".join(verdict.failures)
         rows.append(
@@ -213,25 +213,52 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model), *search_lines(model)]
     fit = report.get("service_fit")
     if fit:
-        verdict = "fits" if fit["fits"] else "DOES NOT FIT"
-        lines += [
-            "## Whole service (one worker, every model at its worst-case micro-batch, measured together)",
-            "",
-            f"Total {fit['total_mb']:.1f} MB of {fit['budget_mb']:.0f} MB: **{verdict}**. Gunicorn master "
-            f"{fit['master_mb']:.1f} MB; worker peak {fit['worker_peak_mb']:.1f} MB, of which runtime floor "
-            f"(imports) {fit['runtime_floor_mb']:.1f} MB.",
-            "",
-            "| model | variant | tokens/run | weights MB | activation peak MB (alone) | peak alone MB |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in fit["models"]:
-            lines.append(
-                f"| {row['model']} | {row['variant']} | {row['tokens_per_run']} | {row['weights_mb']:.1f} | "
-                f"{row['activation_peak_mb']:.1f} | {row['alone_peak_mb']:.1f} |"
-            )
-        lines.append("")
+        lines += service_fit_lines(fit)
     lines += ["![accuracy vs peak RSS](report.png)", ""]
     return "\n".join(lines)
+
+
+def service_fit_lines(fit: dict[str, Any]) -> list[str]:
+    """The real service per worker count, and how one worker's memory divides by model."""
+    verdict = "fits" if fit["fits"] else "DOES NOT FIT"
+    counted = "PSS sum of master and workers" if fit["counted_by"] == "pss" else "larger of cgroup peak and PSS sum"
+    one = fit["one_process"]
+    lines = [
+        "## Whole service (the real gunicorn service, every worker at every model's worst case at once)",
+        "",
+        f"One worker: {fit['total_mb']:.1f} MB of {fit['budget_mb']:.0f} MB ({counted}, plus "
+        f"{fit['held_bodies_mb']:.0f} MB of bodies waiting for the inference lock): **{verdict}**. "
+        f"At full tokens per run, W workers cost {fit['base_mb']:.1f} + W × ({fit['per_worker_mb']:.1f} + "
+        f"{fit['held_bodies_mb']:.0f}) MB; more workers were measured at fewer tokens per run, up to "
+        f"{fit['max_workers_measured']} within the budget (planned: the measured peak plus the waiting bodies).",
+        "",
+        "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | RSS sum MB | line MB (error) "
+        "| planned MB | worker VmHWM MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in fit["runs"]:
+        group = run["cgroup"] or {}
+        lines.append(
+            f"| {run['workers']} | {run['tokens_per_run']} | {_fmt(group.get('peak_mb'), 1)} | "
+            f"{group.get('failcnt', '-')} | {group.get('oom_kills', '-')} | {run['pss_peak_mb']:.1f} | "
+            f"{run['rss_sum_peak_mb']:.1f} | {run['line_mb']:.1f} ({run['line_error']:+.1%}) | "
+            f"{run['planned_mb']:.1f}{'' if run['fits'] else ' (over)'} | "
+            f"{', '.join(map(str, run['worker_vmhwm_mb']))} |"
+        )
+    lines += [
+        "",
+        f"One process, every model loaded together: worker {one['worker_peak_mb']:.1f} MB (runtime floor "
+        f"{one['runtime_floor_mb']:.1f} MB), idle master {one['master_rss_mb']:.1f} MB RSS.",
+        "",
+        "| model | variant | tokens/run | weights MB | activation peak MB (alone) | peak alone MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in fit["models"]:
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row['tokens_per_run']} | {row['weights_mb']:.1f} | "
+            f"{row['activation_peak_mb']:.1f} | {row['alone_peak_mb']:.1f} |"
+        )
+    return [*lines, ""]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

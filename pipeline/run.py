@@ -78,7 +78,7 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
         )
     if fit is not None and not fit["fits"]:
         raise StageError(
-            f"the service does not fit: worker {fit['worker_peak_mb']:.0f} MB + master {fit['master_mb']:.0f} MB "
-            f"= {fit['total_mb']:.0f} MB > budget {fit['budget_mb']:.0f} MB with every model at its worst case"
+            f"the service does not fit: one worker at every model's worst case peaks at {fit['total_mb']:.0f} MB "
+            f"({fit['counted_by']}, waiting bodies included) > budget {fit['budget_mb']:.0f} MB"
         )
     return runs

@@ -148,6 +148,14 @@ class GunicornService:
     def worker_pids(self) -> list[int]:
         return children(self.master_pid)
 
+    def wait_for_workers(self, count: int, timeout: float = 60.0) -> int:
+        """Wait until the master has `count` workers (or `timeout` passed); how many it has."""
+        deadline = time.monotonic() + timeout
+        while len(self.worker_pids()) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # a master that starts more than `count` would show them by now
+        return len(self.worker_pids())
+
     def request(
         self,
         method: str,

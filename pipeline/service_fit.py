@@ -1,24 +1,287 @@
-"""Whole-service fit: every approved model of a service loaded together in one fresh process, each
-run at its own worst-case micro-batch and sent its hostile bodies, plus an idle gunicorn master. Fails
-when the total exceeds the budget; the measured worker peak is recorded for the planner."""
+"""Whole-service fit, measured the way the kernel counts: the real service (serve/gunicorn.conf.py on
+127.0.0.1) with W = 1, 2, … workers, inside a memory cgroup limited to the budget where one can be
+created, while a separate process samples the PSS of master and workers.
+
+Every worker runs every load body at the same moment: the fit starts gunicorn with one connection per
+worker (WORKER_CONNECTIONS=1), opens W connections, sends each all but the last byte of the body, and
+releases them together, so each worker holds exactly one and the peaks coincide, as they would when every
+worker meets its worst case at once. The bodies are each model's worst-case request, its largest requests
+of shorter inputs, and its hostile bodies (serve/probe.py), with TRUNCATE on (the heavier mode: cut
+inputs are embedded, not refused). Requests waiting for a worker's inference lock hold at most their raw
+body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rather than measured.
+
+A least-squares line through the measured peaks (of the runs where no worker was killed) gives the
+planner its figures: W workers cost base + W × per worker. The one-process probe of all models together
+stays as the fast first estimate and as the watchdog's floor.
+"""
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.cgroup import MemoryCgroup, unavailable_reason
 from pipeline.config import LoadedConfigs
 from pipeline.measure import run_probe
 from pipeline.progress import step
-from serve.artifacts import APPROVED_FILE, load_approved, read_json
+from pipeline.sampler import SamplerProcess
+from pipeline.servebench import GunicornService
+from serve.app import INFERENCE_ENDPOINTS
+from serve.artifacts import APPROVED_FILE, ApprovedArtifact, load_approved, read_json
+from serve.memory import status_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb
+from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
+
+FIT_MAX_WORKERS = 4  # a 2-core host gains nothing from more CPU-bound workers than this
+RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before the bodies complete
+MB = 1024 * 1024
 
 
-def measure_service(configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
+def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> list[tuple[str, str, bytes]]:
+    """(label, path, body) of everything every worker is sent, model by model."""
+    limits = configs.service.limits
+    paths = {task: f"/api/{endpoint}" for endpoint, task in INFERENCE_ENDPOINTS.items()}
+    bodies = []
+    for artifact in artifacts:
+        path = paths[artifact.manifest["task"]]
+        requests = [worst_case_texts(limits.max_batch, limits.max_seq_len)]
+        requests += sweep_requests(limits.max_batch, limits.max_seq_len)
+        for texts in requests:
+            bodies.append((f"{artifact.model}: {len(texts)} texts", path, json.dumps(artifact_body(artifact, texts))))
+        chars = int(artifact.manifest["limits"]["max_input_chars"])
+        for name, body in hostile_bodies(limits.max_batch, limits.max_body_bytes, chars, artifact.model):
+            bodies.append((f"{artifact.model}: {name}", path, body.decode()))
+    return [(label, path, body.encode()) for label, path, body in bodies]
+
+
+def artifact_body(artifact: ApprovedArtifact, texts: list[str]) -> dict[str, Any]:
+    return {"model": artifact.model, "inputs": texts}
+
+
+def held_request(port: int, method: str, path: str, body: bytes, release: threading.Barrier) -> tuple[int, bytes]:
+    """Send a request but its last byte, wait until every client of the round has, then the last byte:
+    (status, response body); 599 when the connection failed (a worker killed meanwhile)."""
+    raw = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
+            sock.sendall(raw[:-1])
+            release.wait()
+            time.sleep(RELEASE_DELAY_S)
+            sock.sendall(raw[-1:])
+            answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+    except OSError:
+        return 599, b""
+    head, _, content = answer.partition(b"\r\n\r\n")
+    return (int(head.split(b" ", 2)[1]), content) if head.startswith(b"HTTP/") else (599, b"")
+
+
+def lockstep(port: int, workers: int, method: str, path: str, body: bytes) -> list[tuple[int, bytes]]:
+    """One request per worker, released together (each worker holds one connection at a time)."""
+    release = threading.Barrier(workers)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda _: held_request(port, method, path, body, release), range(workers)))
+
+
+def wait_for_every_worker(service: GunicornService, workers: int, timeout: float = 120.0) -> None:
+    """Until a lockstep round of /api/health is answered by `workers` different pids: every worker has
+    loaded its models and takes one connection of each round."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answers = lockstep(service.port, workers, "GET", "/api/health", b"")
+        pids = {json.loads(content)["pid"] for status, content in answers if status == 200}
+        if len(pids) == workers:
+            return
+    raise RuntimeError(f"the service did not spread {workers} connections over {workers} workers: {service.log()}")
+
+
+def run_lockstep(service: GunicornService, workers: int, bodies: list[tuple[str, str, bytes]]) -> dict[int, int]:
+    """Every body to every worker at once; counts of the answers' status codes."""
+    statuses: dict[int, int] = {}
+    for _, path, body in bodies:
+        for code, _ in lockstep(service.port, workers, "POST", path, body):
+            statuses[code] = statuses.get(code, 0) + 1
+    return statuses
+
+
+def measure_workers(
+    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[Any]
+) -> dict[str, Any]:
+    """The service with `workers` workers, each running at most `tokens` per session run, under the
+    lockstep load: cgroup peak (where one can be made), PSS and RSS sums, each worker's VmHWM, and
+    whether a worker was killed or replaced."""
+    reason = unavailable_reason()
+    group: AbstractContextManager[Any] = MemoryCgroup(budget_mb, "memfit-fit") if reason is None else nullcontext()
+    env = {
+        "WORKERS": str(workers),
+        "MAX_TOKENS_PER_RUN": str(tokens),
+        "WORKER_CONNECTIONS": "1",
+        "TRUNCATE": "true",
+        "PLAN_CHECK": "skip",
+    }
+    started = time.monotonic()
+    with group as cgroup, GunicornService(service_path, env=env, cgroup=cgroup, ready_timeout=300) as service:
+        wait_for_every_worker(service, workers)
+        pids = sorted(service.worker_pids())
+        with SamplerProcess(service.master_pid) as sampler:
+            statuses = run_lockstep(service, workers, bodies)
+        alive = sorted(service.worker_pids())
+        worker_hwm = [round(status_mb("VmHWM", pid), 1) for pid in alive]
+        figures = cgroup.figures() if cgroup is not None else None
+    peak = sampler.result["peak"]
+    return {
+        "workers": workers,
+        "tokens_per_run": tokens,
+        "cgroup": None if figures is None else vars(figures),
+        "cgroup_unavailable": reason,
+        "pss_peak_mb": peak["total_pss"],
+        "rss_sum_peak_mb": peak["total_rss"],
+        "master_pss_peak_mb": peak["master_pss"],
+        "worker_vmhwm_mb": worker_hwm,
+        "workers_replaced": alive != pids,
+        "statuses": statuses,
+        "samples": sampler.result["samples"],
+        "max_sample_gap_ms": sampler.result["max_gap_ms"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def counted_peak(run: dict[str, Any]) -> float:
+    """The larger of the cgroup's peak and the PSS sum. Each misses something a container counts: the
+    cgroup is not charged for file pages another cgroup read first (here: the libraries the build itself
+    loaded), and PSS splits pages shared with processes outside the service and leaves out page cache
+    that no process maps."""
+    return max(float(run["cgroup"]["peak_mb"]) if run["cgroup"] else 0.0, float(run["pss_peak_mb"]))
+
+
+def planned_fit(run: dict[str, Any], held_mb: float, budget_mb: float) -> bool:
+    """No worker killed or replaced, and the counted peak plus each worker's waiting bodies in the budget."""
+    oom = bool(run["cgroup"] and run["cgroup"]["oom_kills"])
+    return counted_peak(run) + run["workers"] * held_mb <= budget_mb and not oom and not run["workers_replaced"]
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What fewer tokens per session run save in each worker: per model, its proven tokens per run and
+    the slope of its memory curve (MB per token), measured by the build."""
+
+    models: tuple[tuple[int, float], ...]
+    seq_len: int
+
+    @classmethod
+    def of(cls, artifacts: list[ApprovedArtifact], seq_len: int) -> Activations:
+        models = []
+        for artifact in artifacts:
+            curve = artifact.manifest["metrics"]["memory_curve"]
+            slope = float(curve.get("per_1k_tokens_mb", 0.0)) / 1000
+            models.append((int(artifact.manifest["limits"]["max_tokens_per_run"]), slope))
+        return cls(tuple(models), seq_len)
+
+    @property
+    def full(self) -> int:
+        return max(tokens for tokens, _ in self.models)
+
+    def saved_mb(self, tokens: int) -> float:
+        """Activation memory one worker saves running at most `tokens` per run."""
+        return sum(slope * max(0, proven - tokens) for proven, slope in self.models)
+
+    def choices(self) -> list[int]:
+        """Tokens per run to try, largest first: whole rows of seq_len, down to one row."""
+        return list(range(self.full - self.full % self.seq_len, 0, -self.seq_len)) or [self.seq_len]
+
+
+def line(runs: list[dict[str, Any]], activations: Activations) -> tuple[float, float]:
+    """(base, per worker at full tokens per run) of the least-squares line through the counted peaks, each
+    run's peak raised by what its smaller micro-batch saved; one run: all of it per worker."""
+    adjusted = [counted_peak(r) + r["workers"] * activations.saved_mb(r["tokens_per_run"]) for r in runs]
+    if len(runs) < 2:
+        return 0.0, adjusted[0]
+    slope, intercept = np.polyfit([r["workers"] for r in runs], adjusted, 1)
+    return float(intercept), float(slope)
+
+
+def tokens_for(
+    workers: int, base: float, per_worker: float, held: float, activations: Activations, budget: float
+) -> int | None:
+    """The most tokens per run at which `workers` workers are predicted to fit; None when none does."""
+    for tokens in activations.choices():
+        if base + workers * (per_worker - activations.saved_mb(tokens) + held) <= budget:
+            return tokens
+    return None
+
+
+def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS) -> dict[str, Any]:
     service, root = configs.service, configs.artifacts_dir
-    seq_len = service.limits.max_seq_len
+    budget = service.budget_mb
     artifacts = [load_approved(root / model.name) for model, _ in configs.models]
+    one_process = measure_one_process(artifacts, configs, repeats)
+    bodies = load_bodies(artifacts, configs)
+    activations = Activations.of(artifacts, service.limits.max_seq_len)
+    held_mb = (service.threads - 1) * service.limits.max_body_bytes / MB
+    runs: list[dict[str, Any]] = []
+    for workers in range(1, max_workers + 1):
+        # One worker runs at full tokens; more, at the most tokens the runs so far predict to fit. A run
+        # over the budget joins the line, and the count is measured once more at what that line predicts.
+        tried: set[int] = set()
+        fitted = False
+        while not fitted and len(tried) < 2:
+            base, per_worker = line(runs, activations) if runs else (0.0, 0.0)
+            tokens = (
+                activations.full if not runs else tokens_for(workers, base, per_worker, held_mb, activations, budget)
+            )
+            if tokens is None or tokens in tried:
+                break
+            tried.add(tokens)
+            with step(f"service fit: {workers} worker(s) at {tokens} tokens per run, {len(bodies)} bodies each"):
+                runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies))
+            fitted = planned_fit(runs[-1], held_mb, budget)
+        if not fitted:
+            break
+    fitting = [r for r in runs if planned_fit(r, held_mb, budget)]
+    undisturbed = [r for r in runs if not r["workers_replaced"] and not (r["cgroup"] and r["cgroup"]["oom_kills"])]
+    base, per_worker = line(undisturbed or runs[:1], activations)
+    for run in runs:
+        run["line_mb"] = round(base + run["workers"] * (per_worker - activations.saved_mb(run["tokens_per_run"])), 1)
+        run["line_error"] = round(run["line_mb"] / counted_peak(run) - 1, 4)
+        run["planned_mb"] = round(counted_peak(run) + run["workers"] * held_mb, 1)
+        run["fits"] = run in fitting
+    worker_peak = max([one_process["worker_peak_mb"], *(hwm for r in runs for hwm in r["worker_vmhwm_mb"])])
+    models = one_process.pop("models")
+    first = runs[0]
+    return {
+        "budget_mb": budget,
+        "counted_by": "max(cgroup, pss)" if first["cgroup"] else "pss",
+        "base_mb": round(base, 1),
+        "per_worker_mb": round(per_worker, 1),
+        "held_bodies_mb": round(held_mb, 1),
+        "max_workers_measured": max((r["workers"] for r in fitting), default=0),
+        "runs": runs,
+        "worker_peak_mb": worker_peak,
+        "total_mb": round(counted_peak(first) + held_mb, 1),
+        "fits": planned_fit(first, held_mb, budget),
+        "one_process": one_process,
+        "models": models,
+        "approvals": {a.model: read_json(root / a.model / APPROVED_FILE)["sha256"] for a in artifacts},
+    }
+
+
+def measure_one_process(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repeats: int) -> dict[str, Any]:
+    """Every model loaded together in one fresh process at its worst case and hostile bodies, plus an
+    idle gunicorn master's RSS: the first estimate, and how the worker's memory divides by model."""
+    service = configs.service
+    seq_len = service.limits.max_seq_len
     probe_models = [
         {
             "folder": str(a.folder),
@@ -47,18 +310,14 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
         )
         previous = loaded
     worker = result["vmhwm_mb"]
-    request_path = {**result["request_path"], "peak_before_mb": result["vmhwm_before_request_path_mb"]}
-    total = round(worker + master, 1)
     return {
-        "budget_mb": service.budget_mb,
-        "master_mb": round(master, 1),
+        "master_rss_mb": round(master, 1),
         "runtime_floor_mb": floor,
         "worker_peak_mb": worker,
-        "request_path": request_path,
-        "total_mb": total,
-        "fits": total <= service.budget_mb,
+        "rss_total_mb": round(worker + master, 1),
+        "request_path": {**result["request_path"], "peak_before_mb": result["vmhwm_before_request_path_mb"]},
+        "weights": result["weights"],
         "models": models,
-        "approvals": {a.model: read_json(root / a.model / APPROVED_FILE)["sha256"] for a in artifacts},
     }
 
 

@@ -143,6 +143,7 @@ class Verdict:
     variant: str
     failures: tuple[str, ...]
     chosen: bool = False
+    note: str = ""  # for a passing candidate: why it was chosen or which criterion set it aside
 
     @property
     def passed(self) -> bool:

@@ -185,6 +185,7 @@ class Service:
             "rss_mb": round(status_mb(), 1),
             "allocator_pinned": allocator_pinned(),
             "models": {name: m.variant for name, m in self.models.items()} | dict.fromkeys(self.failures),
+            "weights": {name: m.runtime.weights.to_json() for name, m in self.models.items()},
             "watchdog": self.watchdog.status() if self.watchdog else None,
         }
 

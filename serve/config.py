@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 Model = TypeVar("Model", bound=BaseModel)
+SharedWeights = Literal["auto", "require", "private"]
 
 
 class ConfigError(Exception):
@@ -91,6 +92,9 @@ class Limits(StrictModel):
     # model's tokenizer covers) and per request (None: max_batch × max_input_chars).
     max_input_chars: int | None = Field(None, gt=0)
     max_request_chars: int | None = Field(None, gt=0)
+    # Tokens per session run, below what each approval proves (None: as proven). Fewer tokens per run,
+    # less activation memory per worker: the planner lowers it so that more workers fit.
+    max_tokens_per_run: int | None = Field(None, gt=0)
     truncate: bool = False
 
 
@@ -107,6 +111,10 @@ class ServiceConfig(StrictModel):
     # Requests one worker reads at once (gunicorn gthread threads); inference runs one at a time, so
     # the rest hold at most their bodies while they wait. Part of what the build proves.
     threads: int = Field(16, ge=1, le=256)
+    # auto: memory-map the prepacked weights where they were built for this runtime and CPU, else load the
+    # portable model.onnx and say so; require: refuse a model whose prepacked weights cannot load;
+    # private: always the portable model (each worker its own copy).
+    shared_weights: SharedWeights = "auto"
     artifacts_dir: str = "../artifacts"
 
     @field_validator("headroom_mb")
@@ -146,7 +154,9 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_BODY_BYTES": ("limits", "max_body_bytes"),
     "MAX_INPUT_CHARS": ("limits", "max_input_chars"),
     "MAX_REQUEST_CHARS": ("limits", "max_request_chars"),
+    "MAX_TOKENS_PER_RUN": ("limits", "max_tokens_per_run"),
     "THREADS": ("threads",),
+    "SHARED_WEIGHTS": ("shared_weights",),
     "TRUNCATE": ("limits", "truncate"),
     "ARTIFACTS_DIR": ("artifacts_dir",),
 }

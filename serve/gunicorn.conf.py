@@ -7,19 +7,29 @@ import tempfile
 from pathlib import Path
 
 from serve.config import ConfigError, load_service_config
+from serve.planner import resolve_workers, worker_tokens
 
 SERVICE_CONFIG = Path(os.environ.get("SERVICE_CONFIG", "configs/service.yaml"))
 try:
     service, _ = load_service_config(SERVICE_CONFIG)
+    # WORKERS=auto: the most workers the measured service fit says the budget holds.
+    workers = resolve_workers(os.environ.get("WORKERS", "1"), SERVICE_CONFIG)
+    # More workers fit at fewer tokens per session run: the workers keep to what the plan measured
+    # (PLAN_CHECK=skip: memfit's own fit, which sets the tokens it measures).
+    planned_tokens = worker_tokens(SERVICE_CONFIG, workers) if os.environ.get("PLAN_CHECK") != "skip" else None
+    if planned_tokens and planned_tokens < (service.limits.max_tokens_per_run or planned_tokens + 1):
+        os.environ["MAX_TOKENS_PER_RUN"] = str(planned_tokens)
 except ConfigError as exc:
     sys.exit(f"memfit serve: {exc}")
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '10000')}"
-workers = int(os.environ.get("WORKERS", "1"))
 # One process per worker, requests read by threads with time bounds; inference one at a time
 # (serve/worker.py says why). THREADS is part of what the build proves (bodies waiting for the lock).
 worker_class = "serve.worker.BoundedThreadWorker"
 threads = service.threads
+# Connections one worker holds at once. `memfit optimize` measures the fit with 1, so that every worker
+# takes one of each round of requests; a service keeps the default.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 keepalive = int(os.environ.get("KEEPALIVE", "2"))
 timeout = int(os.environ.get("TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
@@ -44,10 +54,13 @@ def on_starting(server):
     from serve.planner import check_at_master_start
     from serve.watchdog import RUN_DIR_ENV
 
-    fits, message = check_at_master_start(SERVICE_CONFIG, server.cfg.workers)
-    print(message, file=sys.stderr, flush=True)
-    if not fits:
-        sys.exit(1)
+    if os.environ.get("PLAN_CHECK", "refuse") == "skip":  # memfit's own fit, measuring counts not yet planned
+        print(f"memfit serve: WORKERS={server.cfg.workers} started without the budget check", file=sys.stderr)
+    else:
+        fits, message = check_at_master_start(SERVICE_CONFIG, server.cfg.workers)
+        print(message, file=sys.stderr, flush=True)
+        if not fits:
+            sys.exit(1)
     os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="memfit-run-")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,10 @@ from typing import Any
 from serve.artifacts import ArtifactError, load_approved
 from serve.config import ServiceConfig
 from serve.onnx_refs import check_external_data
+from serve.prepacked import PREPACKED_MODEL
 from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
+
+log = logging.getLogger("memfit.serve")
 
 
 @dataclass(frozen=True)
@@ -28,18 +32,22 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     """Refuses (ArtifactError) an artifact that does not verify, or a service that accepts more than its
     approval proves: longer inputs, larger bodies, more characters, more threads."""
     artifact = load_approved(model_dir)
-    check_external_data(artifact.folder / MODEL_FILE, allowed=set(artifact.manifest["files"]))
+    for model_file in (MODEL_FILE, PREPACKED_MODEL):
+        if model_file in artifact.manifest["files"]:
+            check_external_data(artifact.folder / model_file, allowed=set(artifact.manifest["files"]))
     proven = artifact.manifest["limits"]
     limits = service.limits
     runtime = ModelRuntime(
         artifact.folder,
         SessionSettings.from_json(artifact.manifest["session_options"]),
         max_seq_len=limits.max_seq_len,
-        max_tokens_per_run=int(proven["max_tokens_per_run"]),
+        max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
         max_batch=int(proven["max_batch"]),
         max_input_chars=limits.max_input_chars,
         max_request_chars=limits.max_request_chars,
+        shared_weights=service.shared_weights,
     )
+    log.info("model %s: %s (%s)", model_dir.name, runtime.weights.path.name, runtime.weights.reason)
     accepted = {
         "max_batch": limits.max_batch,
         "max_seq_len": limits.max_seq_len,

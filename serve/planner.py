@@ -1,14 +1,27 @@
-"""Worker planner: will `master + workers × worker peak` fit the budget? Refuse instead of an OOM kill."""
+"""Worker planner: will W workers fit the budget, counted the way the kernel counts? Refuse instead of an
+OOM kill; WORKERS=auto starts the most that fit.
+
+The figures come from `service-fit.json`, which `memfit optimize` measures on the real service for
+W = 1, 2, … workers (pipeline/service_fit.py), more workers each at fewer tokens per session run: a
+measured W needs its measured peak plus W × the bodies waiting for the inference lock, and its workers
+run at the tokens per run it was measured at (MAX_TOKENS_PER_RUN, set for them by the gunicorn master).
+An unmeasured W is extrapolated on the line through the runs, at full tokens per run. Shared pages
+(libraries, memory-mapped prepacked weights) are in the line's base once. Where that measurement is
+missing or is of other approvals, the planner falls back to RSS arithmetic (master + W × one-process
+worker peak), which counts shared pages once per process and so overstates.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved, read_json
-from serve.config import ServiceConfig, load_service_config, model_names, resolve
+from serve.config import ConfigError, ServiceConfig, load_service_config, model_names, resolve
 from serve.memory import status_mb
 
 MASTER_IMPORTS = "import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner"
@@ -22,16 +35,6 @@ def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
     return floor + sum(peak - f for peak, f in peaks)
 
 
-def measured_worker_peak(artifacts: Path, approvals: dict[str, str]) -> float | None:
-    """The worker peak `memfit optimize` measured with all these approvals loaded together, if the
-    measurement is of exactly the current approvals."""
-    try:
-        fit = read_json(artifacts / SERVICE_FIT_FILE)
-    except ArtifactError:
-        return None
-    return float(fit["worker_peak_mb"]) if fit.get("approvals") == approvals else None
-
-
 def idle_master_mb() -> float:
     """RSS of a fresh interpreter that imports what the gunicorn master imports."""
     code = f"{MASTER_IMPORTS}; from serve.memory import status_mb; print(status_mb())"
@@ -39,10 +42,55 @@ def idle_master_mb() -> float:
     return float(done.stdout.strip())
 
 
-def worker_figures(config: ServiceConfig, path: Path) -> tuple[float, dict[str, str]]:
-    """The proven peak of one worker hosting every model of the service (the whole-service fit when it
-    measured exactly the current approvals, else the per-model sum) and the approvals it covers;
-    ArtifactError when a model has no approval."""
+@dataclass(frozen=True)
+class WorkerFigures:
+    """What the plan knows of the service's current approvals."""
+
+    worker_peak_mb: float  # one worker's proven VmHWM: what the watchdog holds it to
+    fit: dict[str, Any] | None  # the measured service fit, when it is of exactly these approvals
+
+    def measured_run(self, workers: int) -> dict[str, Any] | None:
+        """The last run of `workers` workers (the fit measures a count again at fewer tokens when over)."""
+        runs = [r for r in (self.fit or {}).get("runs", []) if r["workers"] == workers]
+        return runs[-1] if runs else None
+
+    def tokens_per_run(self, workers: int) -> int | None:
+        """The tokens per run `workers` workers were measured to fit at (None: as each approval proves)."""
+        run = self.measured_run(workers)
+        return int(run["tokens_per_run"]) if run and workers > 1 else None
+
+    def needed_mb(self, workers: int, master_mb: float) -> tuple[float, str]:
+        """Predicted peak of master + `workers` workers, and the arithmetic behind it."""
+        run = self.measured_run(workers)
+        if self.fit is not None and run is not None:
+            counted = max(float((run["cgroup"] or {}).get("peak_mb", 0.0)), float(run["pss_peak_mb"]))
+            return float(run["planned_mb"]), (
+                f"measured with {workers} worker{'s' if workers > 1 else ''} at {run['tokens_per_run']} tokens per "
+                f"run: {counted:,.0f} + {workers} × waiting bodies {self.fit['held_bodies_mb']:,.0f} MB"
+            )
+        if self.fit is None:
+            needed = master_mb + workers * self.worker_peak_mb
+            return needed, (
+                f"RSS arithmetic, no service fit measured: master {master_mb:,.0f} + {workers} × worker "
+                f"{self.worker_peak_mb:,.0f} MB"
+            )
+        base, per_worker, held = self.fit["base_mb"], self.fit["per_worker_mb"], self.fit["held_bodies_mb"]
+        needed = base + workers * (per_worker + held)
+        return needed, (
+            f"extrapolated from the measured runs: base {base:,.0f} + {workers} × (worker {per_worker:,.0f} + "
+            f"waiting bodies {held:,.0f}) MB"
+        )
+
+    def most_workers(self, budget_mb: float, master_mb: float) -> int:
+        """The most workers that fit (never more than the service fit measured to fit)."""
+        limit = self.fit["max_workers_measured"] if self.fit else 64
+        fitting = [w for w in range(1, limit + 1) if self.needed_mb(w, master_mb)[0] <= budget_mb]
+        return max(fitting, default=0)
+
+
+def worker_figures(config: ServiceConfig, path: Path) -> tuple[WorkerFigures, dict[str, str]]:
+    """The figures of the current approvals and the approvals they cover; ArtifactError when a model has
+    no approval."""
     artifacts = resolve(path, config.artifacts_dir)
     peaks, approvals = [], {}
     for name in model_names(config, path):
@@ -52,13 +100,20 @@ def worker_figures(config: ServiceConfig, path: Path) -> tuple[float, dict[str, 
         except KeyError as exc:
             raise ArtifactError(f"{name}: manifest lacks {exc}") from None
         peaks.append((float(metrics["peak_rss_mb"]), float(metrics["rss_after_imports_mb"])))
-    return measured_worker_peak(artifacts, approvals) or worker_peak_mb(peaks), approvals
+    try:
+        fit: dict[str, Any] | None = read_json(artifacts / SERVICE_FIT_FILE)
+    except ArtifactError:
+        fit = None
+    if fit is not None and (fit.get("approvals") != approvals or "per_worker_mb" not in fit):
+        fit = None
+    peak = float(fit["worker_peak_mb"]) if fit else worker_peak_mb(peaks)
+    return WorkerFigures(peak, fit), approvals
 
 
 def proven_worker_peak(config: ServiceConfig, path: Path) -> float | None:
     """What the watchdog holds a worker to; None when some model has no approval."""
     try:
-        return worker_figures(config, path)[0]
+        return worker_figures(config, path)[0].worker_peak_mb
     except ArtifactError:
         return None
 
@@ -66,22 +121,62 @@ def proven_worker_peak(config: ServiceConfig, path: Path) -> float | None:
 def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]:
     config, path = load_service_config(service_path)
     try:
-        worker, _ = worker_figures(config, path)
+        figures, _ = worker_figures(config, path)
     except ArtifactError as exc:
         return False, f"memfit plan: no approved artifact ({exc}); run `make optimize`"
     budget = config.budget_mb
-    fits_at_most = max(0, int((budget - master_mb) // worker))
-    needed = master_mb + workers * worker
-    arithmetic = f"master {master_mb:,.0f} + {workers} × worker {worker:,.0f} MB"
+    needed, arithmetic = figures.needed_mb(workers, master_mb)
     if needed <= budget:
         return True, f"WORKERS={workers} needs ~{needed:,.0f} MB ({arithmetic}); fits budget {budget:,.0f} MB"
-    most = f"fits at most {fits_at_most} worker{'s' if fits_at_most != 1 else ''}"
-    return False, f"WORKERS={workers} needs ~{needed:,.0f} MB ({arithmetic}); budget {budget:,.0f} MB {most}"
+    most = figures.most_workers(budget, master_mb)
+    fits_at_most = f"fits at most {most} worker{'s' if most != 1 else ''}"
+    return False, f"WORKERS={workers} needs ~{needed:,.0f} MB ({arithmetic}); budget {budget:,.0f} MB {fits_at_most}"
+
+
+def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
+    """`memfit plan`'s table: predicted peak per worker count, the measured figures beside it."""
+    config, path = load_service_config(service_path)
+    figures, _ = worker_figures(config, path)
+    measured = {run["workers"]: run for run in (figures.fit or {}).get("runs", [])}
+    lines = ["workers | tokens/run | predicted MB | measured cgroup peak MB | measured PSS sum MB | fits"]
+    for workers in range(1, up_to + 1):
+        needed, _ = figures.needed_mb(workers, master_mb)
+        run = measured.get(workers, {})
+        cgroup = run.get("cgroup") or {}
+        fits = needed <= config.budget_mb and workers <= figures.most_workers(config.budget_mb, master_mb)
+        lines.append(
+            f"{workers} | {run.get('tokens_per_run', 'full')} | {needed:,.0f} | {cgroup.get('peak_mb', '-')} | "
+            f"{run.get('pss_peak_mb', '-')} | {'yes' if fits else 'no'}"
+        )
+    return lines
+
+
+def worker_tokens(service_path: Path, workers: int) -> int | None:
+    """The tokens per run `workers` workers must keep to, by the plan (None: as each approval proves)."""
+    config, path = load_service_config(service_path)
+    try:
+        return worker_figures(config, path)[0].tokens_per_run(workers)
+    except ArtifactError:
+        return None
+
+
+def resolve_workers(raw: str, service_path: Path) -> int:
+    """WORKERS as given ("auto": the most that fit, at least one); ConfigError for anything else."""
+    if raw == "auto":
+        config, path = load_service_config(service_path)
+        try:
+            figures, _ = worker_figures(config, path)
+        except ArtifactError:
+            return 1
+        return max(1, figures.most_workers(config.budget_mb, idle_master_mb()))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORKERS={raw!r}: must be a positive integer or auto")
+    return int(raw)
 
 
 def plan_from_config(service_path: Path, workers: int | None = None) -> tuple[bool, str]:
     """`memfit plan`: the same arithmetic as the master's start-up check, with a measured idle master."""
-    count = workers if workers is not None else int(os.environ.get("WORKERS", "1"))
+    count = workers if workers is not None else resolve_workers(os.environ.get("WORKERS", "1"), service_path)
     return plan(service_path, count, idle_master_mb())
 
 

@@ -186,6 +186,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "vmhwm_before_request_path_mb": round(before_request_path, 1),
         "request_path": bodies,
         "allocator_pinned": pinned,
+        "weights": [runtime.weights.to_json() for runtime in runtimes],
         "max_input_chars": [runtime.max_input_chars for runtime in runtimes],
         "max_request_chars": [runtime.max_request_chars for runtime in runtimes],
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],

@@ -17,6 +17,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from serve.artifacts import RUNTIME_FILE, ArtifactError
+from serve.config import SharedWeights
+from serve.prepacked import choose_weights
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -66,13 +68,16 @@ class SessionSettings:
     def from_json(cls, data: dict[str, Any]) -> SessionSettings:
         return cls(**data)
 
-    def build(self) -> ort.SessionOptions:
+    def build(self, optimize: bool = True) -> ort.SessionOptions:
+        """The options; `optimize=False` for a model saved already optimized (the prepacked one)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_num_threads
         options.inter_op_num_threads = self.inter_op_num_threads
         options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         options.enable_mem_pattern = self.enable_mem_pattern
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
         options.log_severity_level = 3
         if self.disable_prepacking:
             options.add_session_config_entry("session.disable_prepacking", "1")
@@ -110,6 +115,7 @@ class ModelRuntime:
         max_batch: int | None = None,
         max_input_chars: int | None = None,
         max_request_chars: int | None = None,
+        shared_weights: SharedWeights = "auto",
     ):
         self.folder = folder
         self.spec = RuntimeSpec.read(folder)
@@ -124,11 +130,12 @@ class ModelRuntime:
         self.max_input_chars = max_input_chars or max_seq_len * chars_per_token(self.tokenizer)
         # What one service request may hold in all (checked by the service, which knows what a request is).
         self.max_request_chars = max_request_chars or self.max_batch * self.max_input_chars
-        model_path = folder / MODEL_FILE
-        if not model_path.is_file():
-            raise ArtifactError(f"{model_path}: missing")
+        if not (folder / MODEL_FILE).is_file():
+            raise ArtifactError(f"{folder / MODEL_FILE}: missing")
+        self.weights = choose_weights(folder / MODEL_FILE, shared_weights, not session.disable_prepacking)
+        options = session.build(optimize=not self.weights.shared)
         self.session = ort.InferenceSession(
-            str(model_path), sess_options=session.build(), providers=["CPUExecutionProvider"]
+            str(self.weights.path), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
 

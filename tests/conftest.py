@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import memfit, model_config, tiny_model, write_service
+from tests.helpers import OPTIMIZE_TIMEOUT_S, memfit, model_config, tiny_model, write_service
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> MinilmRun:
     """`memfit optimize` on the shipped MiniLM config, once per test session, into a temp folder."""
     root = tmp_path_factory.mktemp("minilm")
     env = {**os.environ, "ARTIFACTS_DIR": str(root / "artifacts")}
-    done = memfit("optimize", "--build-dir", str(root / "build"), env=env)
+    done = memfit("optimize", "--build-dir", str(root / "build"), env=env, timeout=OPTIMIZE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     print((root / "artifacts" / "report.md").read_text())
     return MinilmRun(root / "artifacts", env, root / "build")

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.atomic import remove_leftovers
 from serve.artifacts import APPROVED_FILE, ArtifactError, contained_path, load_approved
+from serve.prepacked import PREPACKED_FILES
 from tests.conftest import TinyRun
 from tests.helpers import REPO
 
@@ -29,7 +30,7 @@ def test_approval_verifies_and_names_its_variant(approved_copy: Path) -> None:
     artifact = load_approved(approved_copy)
     pointer = json.loads((approved_copy / APPROVED_FILE).read_text())
     assert pointer["variant"] == artifact.variant_id
-    assert set(artifact.manifest["files"]) == {"model.onnx", "tokenizer.json", "runtime.json"}
+    assert set(artifact.manifest["files"]) == {"model.onnx", "tokenizer.json", "runtime.json", *PREPACKED_FILES}
 
 
 def test_flipped_byte_is_detected(approved_copy: Path) -> None:

@@ -109,7 +109,7 @@ BAD_SERVICES = [
     (
         {"models": ["a.yaml"], "limits": {"max_seq": 10}},
         "field 'limits.max_seq': unknown key; allowed keys: max_batch, max_body_bytes, max_input_chars, "
-        "max_request_chars, max_seq_len, truncate",
+        "max_request_chars, max_seq_len, max_tokens_per_run, truncate",
     ),
     ({"budget_mb": "512MB", "models": ["a.yaml"]}, "field 'budget_mb': must be a valid number (got '512MB')"),
     (

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cgroup import unavailable_reason as cgroup_reason
 from serve.artifacts import APPROVED_FILE, load_approved
 from tests.conftest import TinyRun
 from tests.helpers import memfit
@@ -152,15 +153,27 @@ def test_weight_only_candidates_keep_fidelity(tiny_run: TinyRun, tmp_path: Path)
 
 
 def test_whole_service_fit_is_measured_and_used_by_the_planner(tiny_run: TinyRun) -> None:
+    """The real service, W = 1..4 workers in lockstep: every worker answered every body, none was
+    killed or replaced, the line through the peaks predicts each within 5%, and the planner uses it."""
     fit = json.loads((tiny_run.artifacts / "service-fit.json").read_text())
     assert [m["model"] for m in fit["models"]] == ["tiny-embed", "tiny-clf"]
-    assert fit["total_mb"] == round(fit["worker_peak_mb"] + fit["master_mb"], 1) and fit["fits"]
-    assert fit["worker_peak_mb"] >= fit["runtime_floor_mb"] + sum(m["weights_mb"] for m in fit["models"])
-    report = (tiny_run.artifacts / "report.md").read_text()
-    assert "## Whole service" in report
-    done = memfit("plan", "--service", str(tiny_run.service))
+    runs = fit["runs"]
+    assert [run["workers"] for run in runs] == [1, 2, 3, 4] and fit["max_workers_measured"] == 4
+    bodies = sum(runs[0]["statuses"].values())
+    for run in runs:
+        assert sum(run["statuses"].values()) == bodies * run["workers"]
+        assert not any(int(code) >= 500 for code in run["statuses"]), run["statuses"]
+        assert len(run["worker_vmhwm_mb"]) == run["workers"] and not run["workers_replaced"]
+        assert abs(run["line_error"]) <= 0.05, run
+        if run["cgroup"] is not None:
+            assert run["cgroup"]["oom_kills"] == 0 and run["cgroup"]["peak_mb"] > 0
+    assert fit["counted_by"] == ("max(cgroup, pss)" if cgroup_reason() is None else "pss")
+    assert fit["worker_peak_mb"] >= fit["one_process"]["worker_peak_mb"]
+    assert fit["fits"] and "## Whole service" in (tiny_run.artifacts / "report.md").read_text()
+    done = memfit("plan", "--service", str(tiny_run.service), "--workers", "2")
     assert done.returncode == 0
-    assert f"worker {fit['worker_peak_mb']:,.0f} MB" in done.stdout
+    planned = fit["runs"][1]["planned_mb"]
+    assert f"WORKERS=2 needs ~{planned:,.0f} MB (measured with 2 workers at " in done.stdout
 
 
 def test_finetuned_classifier_source_is_trained_once_and_optimized(tiny_run: TinyRun, tmp_path: Path) -> None:

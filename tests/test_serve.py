@@ -221,7 +221,7 @@ def test_limits_below_the_proof_are_enforced_and_above_it_refused(tiny_run: Tiny
 
 
 def test_planner_refuses_workers_that_do_not_fit(tiny_run: TinyRun) -> None:
-    env = {"MEMORY_BUDGET_MB": "300", "WORKERS": "4"}
+    env = {"MEMORY_BUDGET_MB": "150", "WORKERS": "4"}
     done = subprocess.run(
         [
             sys.executable,
@@ -242,9 +242,24 @@ def test_planner_refuses_workers_that_do_not_fit(tiny_run: TinyRun) -> None:
     )
     assert done.returncode != 0
     line = next(line for line in done.stderr.splitlines() if line.startswith("WORKERS=4"))
-    assert "budget 300 MB fits at most" in line
+    assert "(measured with 4 workers at " in line and "budget 150 MB fits at most" in line
     plan = memfit("plan", "--service", str(tiny_run.service), "--workers", "4", env={**os.environ, **env})
-    assert plan.returncode == 1 and plan.stdout.startswith("WORKERS=4 needs ~")
+    assert plan.returncode == 1 and plan.stdout.splitlines()[-1].startswith("WORKERS=4 needs ~")
+    assert plan.stdout.startswith("workers | tokens/run | predicted MB")
+
+
+def test_workers_auto_starts_the_most_that_fit(tiny_run: TinyRun) -> None:
+    fit = json.loads((tiny_run.artifacts / "service-fit.json").read_text())
+    cost = [run["planned_mb"] for run in fit["runs"]]
+    budget = (cost[1] + cost[2]) / 2  # two workers fit, three do not
+    with GunicornService(tiny_run.service, env={"WORKERS": "auto", "MEMORY_BUDGET_MB": f"{budget:.0f}"}) as service:
+        assert service.wait_for_workers(2) == 2
+        assert "WORKERS=2 needs" in service.log()
+
+
+def test_a_bad_workers_value_is_a_one_line_error(tiny_run: TinyRun) -> None:
+    with pytest.raises(RuntimeError, match="memfit serve: WORKERS='two': must be a positive integer or auto"):
+        GunicornService(tiny_run.service, env={"WORKERS": "two"}).start()
 
 
 def test_serve_never_imports_the_build_stack(tiny_run: TinyRun) -> None:

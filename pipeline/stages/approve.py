@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, json_bytes, remove_leftovers, write_bytes_atomic
+from pipeline.cache import cache_key
 from pipeline.config import Gates
-from pipeline.gates import select
+from pipeline.gates import gate_failures, select
+from pipeline.progress import step
 from pipeline.provenance import machine, versions
+from pipeline.ranking import ROUNDS, TEXTS_PER_ROUND, Timing, time_interleaved
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel
 from serve.artifacts import (
     APPROVED_FILE,
@@ -29,9 +32,11 @@ from serve.artifacts import (
     sha256_file,
 )
 from serve.onnx_refs import check_external_data
-from serve.runtime import MODEL_FILE, TOKENIZER_FILE
+from serve.prepacked import PREPACKED_MODEL, PREPACKED_STAMP, prepacked_files
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE, ModelRuntime, SessionSettings
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
+RANKING_VERSION = 1  # bump when the timing changes: cached rankings keyed on it are then redone
 KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
 
 
@@ -83,6 +88,8 @@ def build_manifest(
         "files": files,
         "runtime": read_json(candidate.folder / RUNTIME_FILE),
         "session_options": measurement.session_options,
+        # The platform the shared (prepacked) weights were built for; elsewhere model.onnx loads.
+        "prepacked": read_json(candidate.folder / PREPACKED_STAMP) if PREPACKED_STAMP in files else None,
         "limits": {
             "max_batch": limits.max_batch,
             "max_seq_len": limits.max_seq_len,
@@ -110,9 +117,11 @@ def publish(model_dir: Path, candidate: Candidate, manifest_for: Callable[[dict[
     with atomic_dir(final) as tmp:
         files = {}
         external = check_external_data(candidate.folder / MODEL_FILE)
-        for name in (*ARTIFACT_FILES, *external):
+        for name in (*ARTIFACT_FILES, *external, *prepacked_files(candidate.folder)):
             shutil.copy2(candidate.folder / name, tmp / name)
             files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+        if PREPACKED_MODEL in files:
+            check_external_data(tmp / PREPACKED_MODEL, allowed=set(files))
         (tmp / MANIFEST_FILE).write_bytes(json_bytes(manifest_for(files)))
     manifest_sha = sha256_bytes((final / MANIFEST_FILE).read_bytes())
     pointer = {"variant": final.name, "manifest": f"{final.name}/{MANIFEST_FILE}", "sha256": manifest_sha}
@@ -139,12 +148,50 @@ class ApproveStage:
     objective: str
     name: str = "approve"
 
+    def timings(self, context: BuildContext, state: BuildState, passing: list[str]) -> dict[str, Timing]:
+        """The passing candidates timed together, interleaved, with the session options each ships with;
+        cached on their model bytes and options, so a rerun decides as the first run did."""
+        if len(passing) < 2:
+            return {}
+        measurements: dict[str, Measurement] = state.require("measurements")
+        folders = {c.variant: c.folder for c in state.candidates}
+        texts = list(state.require("dataset").test.texts[:TEXTS_PER_ROUND])
+        key = cache_key(
+            version=RANKING_VERSION,
+            candidates={n: [sha256_file(folders[n] / MODEL_FILE), measurements[n].session_options] for n in passing},
+            texts=texts,
+            rounds=ROUNDS,
+        )
+        found = context.results.get("ranking", key)
+        if found is None:
+            limits = context.service.limits
+            runtimes = {
+                name: ModelRuntime(
+                    folders[name],
+                    SessionSettings.from_json(measurements[name].session_options),
+                    limits.max_seq_len,
+                    measurements[name].batch * limits.max_seq_len,
+                    limits.max_batch,
+                )
+                for name in passing
+            }
+            with step(f"{context.model.name}: time {len(passing)} passing candidates, interleaved, {ROUNDS} rounds"):
+                found = {name: t.to_json() for name, t in time_interleaved(runtimes, texts).items()}
+            context.results.put("ranking", key, found)
+        return {name: Timing(**values) for name, values in found.items()}
+
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         source: SourceModel = state.require("source")
         evaluations: dict[str, Evaluation] = state.require("evaluations")
         measurements: dict[str, Measurement] = state.require("measurements")
         eligible = [c.variant for c in state.candidates if c.variant in context.model.candidates]
-        verdicts = select(eligible, evaluations, measurements, self.gates, context.share_mb, self.objective)
+        passing = [
+            name
+            for name in eligible
+            if not gate_failures(evaluations[name], measurements[name], self.gates, context.share_mb)
+        ]
+        timings = self.timings(context, state, passing)
+        verdicts = select(eligible, evaluations, measurements, self.gates, context.share_mb, self.objective, timings)
         chosen = next((v.variant for v in verdicts if v.chosen), None)
         if chosen is None:
             return replace(state, verdicts=verdicts)

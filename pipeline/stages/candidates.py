@@ -1,5 +1,6 @@
 """Build every configured candidate from the validated export; each folder is built once per source
-and settings (a calibrated search also keys on its calibration texts and targets)."""
+and settings (a calibrated search also keys on its calibration texts and targets), and carries its
+weights prepacked for this runtime and CPU (serve/prepacked.py), which is what is measured and shipped."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pipeline.progress import step
 from pipeline.state import BuildContext, BuildState, Candidate, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
 from serve.onnx_refs import check_external_data
-from serve.runtime import MODEL_FILE, TOKENIZER_FILE
+from serve.prepacked import ensure_prepacked
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE, SessionSettings
 
 SETTINGS_FILE = "settings.json"
 
@@ -89,5 +91,6 @@ class CandidatesStage:
             folder = builder.build(spec)
             size = (folder / MODEL_FILE).stat().st_size / 2**20
             search = read_json(folder / SEARCH_FILE) if (folder / SEARCH_FILE).is_file() else None
+            ensure_prepacked(folder / MODEL_FILE, SessionSettings().build())
             candidates.append(Candidate(name, folder, builder.settings(spec), round(size, 1), search))
         return replace(state, candidates=tuple(candidates))

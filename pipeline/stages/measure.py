@@ -31,7 +31,7 @@ from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
 TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
-MEASUREMENT_VERSION = 7  # bump when probing changes: cached measurements keyed on it are then redone
+MEASUREMENT_VERSION = 8  # bump when probing changes: cached measurements keyed on it are then redone
 
 
 def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,0 +1,99 @@
+"""Throughput by worker count: the service as shipped (serve/gunicorn.conf.py) with W = 1..N workers, 8
+clients each sending one-text requests on a kept-alive connection for a fixed time; requests/s and p50,
+beside the planner's predicted peak and the service fit's measured figures for that W.
+
+Usage: python -m benchmarks.workers [--service configs/service.yaml] [--seconds 20] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.provenance import machine, versions
+from pipeline.servebench import GunicornService
+from serve.config import load_service_config, resolve
+from serve.planner import SERVICE_FIT_FILE, idle_master_mb, worker_figures
+
+CLIENTS = 8
+TEXT = "A quiet, funny film about memory, love and the city at night."
+
+
+def client(port: int, until: float, latencies: list[float]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = json.dumps({"inputs": [TEXT]})
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        connection.request("POST", "/api/embed", body=body, headers={"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"status {reply.status}")
+        latencies.append((time.perf_counter() - started) * 1000)
+    connection.close()
+
+
+def throughput(service_path: Path, workers: int, seconds: float) -> dict[str, Any]:
+    with GunicornService(service_path, env={"WORKERS": str(workers)}) as service:
+        service.wait_for_workers(workers)
+        latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
+        until = time.monotonic() + seconds
+        threads = [threading.Thread(target=client, args=(service.port, until, out)) for out in latencies]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+    every = [ms for values in latencies for ms in values]
+    return {"requests_per_s": round(len(every) / elapsed, 1), "p50_ms": round(statistics.median(every), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--service", type=Path, default=Path("configs/service.yaml"))
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    config, path = load_service_config(args.service)
+    figures, _ = worker_figures(config, path)
+    if figures.fit is None:
+        raise SystemExit(f"memfit bench: no {SERVICE_FIT_FILE} of the current approvals; run `make optimize`")
+    master = idle_master_mb()
+    measured = {run["workers"]: run for run in figures.fit["runs"]}
+    rows = []
+    for workers in range(1, figures.most_workers(config.budget_mb, master) + 1):
+        run = measured.get(workers, {})
+        row = {
+            "workers": workers,
+            "predicted_mb": round(figures.needed_mb(workers, master)[0], 1),
+            "cgroup_peak_mb": (run.get("cgroup") or {}).get("peak_mb"),
+            "pss_peak_mb": run.get("pss_peak_mb"),
+            "rss_sum_peak_mb": run.get("rss_sum_peak_mb"),
+            **throughput(args.service, workers, args.seconds),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "service": str(args.service),
+        "artifacts": str(resolve(path, config.artifacts_dir)),
+        "clients": CLIENTS,
+        "seconds": args.seconds,
+        "machine": machine(),
+        "versions": versions(),
+        "rows": rows,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

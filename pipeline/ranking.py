@@ -1,0 +1,69 @@
+"""Speed that noise cannot flip: the candidates that pass every gate are timed together, interleaved
+round by round in one process (a slow moment of the machine slows them all, not one), with the session
+options that ship. One candidate is faster than another only when the medians differ by more than the
+spread (highest minus lowest round median) of either; otherwise the two are tied on speed and the next
+criterion decides.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from serve.runtime import ModelRuntime
+
+ROUNDS = 7
+TEXTS_PER_ROUND = 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One-text latency of a candidate: the median and range of its per-round medians, in ms."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    rounds: int
+
+    @classmethod
+    def of(cls, round_medians: list[float]) -> Timing:
+        return cls(
+            round(statistics.median(round_medians), 3),
+            round(min(round_medians), 3),
+            round(max(round_medians), 3),
+            len(round_medians),
+        )
+
+    @property
+    def spread_ms(self) -> float:
+        return self.high_ms - self.low_ms
+
+    def faster_than(self, other: Timing) -> bool:
+        """Faster by more than the spread of either: a gap the rounds' own variation cannot explain."""
+        return other.median_ms - self.median_ms > max(self.spread_ms, other.spread_ms)
+
+    def describe(self) -> str:
+        return f"{self.median_ms:.2f} ms ({self.low_ms:.2f}–{self.high_ms:.2f})"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_interleaved(runtimes: dict[str, ModelRuntime], texts: list[str], rounds: int = ROUNDS) -> dict[str, Timing]:
+    """Each round times every candidate on the same texts, one at a time, in an order rotated per round."""
+    names = list(runtimes)
+    for runtime in runtimes.values():
+        runtime.embed(texts[:1])  # warm-up
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples = []
+            for text in texts[:TEXTS_PER_ROUND]:
+                started = time.perf_counter()
+                runtimes[name].embed([text])
+                samples.append((time.perf_counter() - started) * 1000)
+            medians[name].append(statistics.median(samples))
+    return {name: Timing.of(values) for name, values in medians.items()}

@@ -1,0 +1,82 @@
+"""Shared weights: approved artifacts ship ONNX Runtime's prepacked initializers, checksummed, and every
+worker maps them; elsewhere (another runtime or CPU) the portable model loads and says why, or, with
+SHARED_WEIGHTS=require, the model is refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import serve.prepacked
+from pipeline.servebench import GunicornService
+from serve.artifacts import ArtifactError, load_approved
+from serve.config import load_service_config
+from serve.loader import open_approved
+from serve.onnx_refs import check_external_data
+from serve.prepacked import PREPACKED_DATA, PREPACKED_FILES, PREPACKED_MODEL, platform_stamp
+from tests.conftest import TinyRun
+from tests.helpers import memfit
+
+TEXTS = ["a quiet, funny film", "the worst sequel of the year", "fine"]
+
+
+def test_the_approval_ships_prepacked_weights_checksummed_for_this_platform(tiny_run: TinyRun) -> None:
+    for model in ("tiny-embed", "tiny-clf"):
+        artifact = load_approved(tiny_run.artifacts / model)
+        assert set(PREPACKED_FILES) <= set(artifact.manifest["files"])
+        assert artifact.manifest["prepacked"] == platform_stamp()
+        allowed = set(artifact.manifest["files"])
+        assert check_external_data(artifact.folder / PREPACKED_MODEL, allowed=allowed) == [PREPACKED_DATA]
+        assert not [p for p in artifact.folder.iterdir() if p.name.startswith(".prepack-")]
+
+
+def test_shared_and_portable_weights_answer_the_same(tiny_run: TinyRun) -> None:
+    config, _ = load_service_config(tiny_run.service)
+    shared = open_approved(tiny_run.artifacts / "tiny-embed", config)
+    assert shared.runtime.weights.shared and shared.runtime.weights.path.name == PREPACKED_MODEL
+    private = open_approved(tiny_run.artifacts / "tiny-embed", config.model_copy(update={"shared_weights": "private"}))
+    assert not private.runtime.weights.shared and private.runtime.weights.path.name == "model.onnx"
+    np.testing.assert_allclose(shared.runtime.embed(TEXTS), private.runtime.embed(TEXTS), rtol=0, atol=1e-6)
+
+
+def test_elsewhere_the_portable_model_loads_or_is_refused(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = platform_stamp()
+    elsewhere = {**built, "onnxruntime": "0.0.1"}
+    monkeypatch.setattr(serve.prepacked, "platform_stamp", lambda: elsewhere)
+    config, _ = load_service_config(tiny_run.service)
+    portable = open_approved(tiny_run.artifacts / "tiny-embed", config)
+    assert not portable.runtime.weights.shared
+    assert portable.runtime.weights.reason == (
+        f"private weights: prepacked by onnxruntime {built['onnxruntime']}, this is 0.0.1"
+    )
+    with pytest.raises(ArtifactError, match="SHARED_WEIGHTS=require, but prepacked by onnxruntime"):
+        open_approved(tiny_run.artifacts / "tiny-embed", config.model_copy(update={"shared_weights": "require"}))
+
+
+def test_health_and_verify_say_which_weights_load(tiny_run: TinyRun) -> None:
+    with GunicornService(tiny_run.service) as service:
+        weights = service.request("GET", "/api/health").body["weights"]
+    assert weights["tiny-embed"] == {
+        "file": PREPACKED_MODEL,
+        "shared": True,
+        "reason": "prepacked weights memory-mapped, shared by workers",
+    }
+    done = memfit("verify", "--service", str(tiny_run.service))
+    assert done.returncode == 0 and done.stdout.count("prepacked weights memory-mapped") == 2
+    private = memfit("verify", "--service", str(tiny_run.service), env={**os.environ, "SHARED_WEIGHTS": "private"})
+    assert "private weights: SHARED_WEIGHTS=private" in private.stdout
+
+
+def test_a_tampered_prepacked_file_fails_verification(tiny_run: TinyRun, tmp_path: Path) -> None:
+    copy = tmp_path / "tiny-embed"
+    shutil.copytree(tiny_run.artifacts / "tiny-embed", copy)
+    data = load_approved(copy).folder / PREPACKED_DATA
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match=f"{PREPACKED_DATA}: sha256 differs"):
+        load_approved(copy)
