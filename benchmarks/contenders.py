@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir
-from pipeline.measure import PROJECT_ROOT
+from pipeline.memory.probe import PROJECT_ROOT
 
 APPS_CONFIG = PROJECT_ROOT / "benchmarks" / "apps" / "gunicorn.conf.py"
 MEMFIT_CONFIG = PROJECT_ROOT / "serve" / "gunicorn.conf.py"

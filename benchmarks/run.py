@@ -33,10 +33,10 @@ from benchmarks.report import write_results
 from pipeline.config import LoadedConfigs
 from pipeline.data import load_dataset
 from pipeline.fidelity import FidelityReference
-from pipeline.measure import PROJECT_ROOT
+from pipeline.memory.harness import GunicornService, MemorySampler, request_mix
+from pipeline.memory.probe import PROJECT_ROOT
+from pipeline.memory.sampler import SamplerProcess
 from pipeline.provenance import versions
-from pipeline.sampler import SamplerProcess
-from pipeline.servebench import GunicornService, MemorySampler, request_mix
 from pipeline.sources import data_path
 from pipeline.stages.evaluate import fit_probe
 from serve.artifacts import load_approved

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.candidates import CANDIDATES, PassJob
-from pipeline.measure import PROJECT_ROOT, probe_env
+from pipeline.memory.probe import PROJECT_ROOT, probe_env
 from pipeline.provenance import machine, versions
+from serve.config import SessionSettings
 from serve.prepacked import ensure_prepacked
-from serve.runtime import MODEL_FILE, RUNTIME_FILE, TOKENIZER_FILE, SessionSettings
+from serve.runtime import MODEL_FILE, RUNTIME_FILE, TOKENIZER_FILE, session_options
 
 FIELDS = ("VmHWM", "RssAnon", "RssFile")
 
@@ -102,7 +103,7 @@ def main() -> None:
         folders += [build_extra(args.build_dir, name, Path(tmp)) for name in args.extra]
         rows = []
         for folder in folders:
-            ensure_prepacked(folder / MODEL_FILE, SessionSettings().build())
+            ensure_prepacked(folder / MODEL_FILE, session_options(SessionSettings()))
             private = fresh(folder, "private", args.rows, args.seq_len)
             shared = fresh(folder, "require", args.rows, args.seq_len)
             rows.append({"candidate": folder.name, "private": private, "shared": shared})

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.memory.harness import GunicornService
 from pipeline.provenance import machine, versions
-from pipeline.servebench import GunicornService
 from serve.config import load_service_config, resolve
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb, worker_figures
 

@@ -55,8 +55,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_check_baseline(args: argparse.Namespace) -> int:
-    from pipeline.baseline import check_baseline
     from pipeline.config import LoadedConfigs
+    from pipeline.memory.baseline import check_baseline
 
     configs = LoadedConfigs(Path(args.service))
     names = [model.name for model, _ in configs.models]
@@ -80,7 +80,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-    from pipeline.servebench import serve_bench
+    from pipeline.memory.harness import serve_bench
 
     result = serve_bench(Path(args.service), requests=args.requests)
     idle, peak = result["idle"], result["peak"]

@@ -7,7 +7,15 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from serve.config import ConfigError, ServiceConfig, StrictModel, load_config, load_service_config, resolve
+from serve.config import (
+    ConfigError,
+    ServiceConfig,
+    SessionSettings,
+    StrictModel,
+    load_config,
+    load_service_config,
+    resolve,
+)
 
 Task = Literal["feature-extraction", "text-classification"]
 
@@ -100,14 +108,6 @@ class ExportConfig(StrictModel):
     validation_examples: int = Field(64, gt=0)
 
 
-class SessionConfig(StrictModel):
-    intra_op_num_threads: int = Field(2, ge=0, le=64)
-    inter_op_num_threads: int = Field(1, ge=0, le=64)
-    enable_cpu_mem_arena: bool = True
-    enable_mem_pattern: bool = False
-    disable_prepacking: bool = False
-
-
 # Session-option variants the measure stage compares per candidate (overrides of session_options).
 # Measured here: arena off raised the MiniLM int8 peak at 32 x 128 by 40%; memory pattern off lowered it.
 SessionVariant = Literal["configured", "mem-pattern-on", "arena-off", "prepacking-off"]
@@ -135,7 +135,7 @@ class ModelConfig(StrictModel):
     eval: EvalConfig
     gates: Gates = Gates()
     export: ExportConfig = ExportConfig()
-    session_options: SessionConfig = SessionConfig()
+    session_options: SessionSettings = SessionSettings()
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1)
     session_variants: list[SessionVariant] = Field(default_factory=lambda: list(get_args(SessionVariant)), min_length=1)
     measure_repeats: int = Field(5, gt=0, le=100)

@@ -14,7 +14,7 @@ from pipeline.cache import ResultCache
 from pipeline.config import ModelConfig, ServiceConfig
 from pipeline.data import Dataset
 from pipeline.fidelity import Fidelity
-from pipeline.memory_curve import MemoryCurve
+from pipeline.memory.curve import MemoryCurve
 from serve.runtime import Pooling
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 APPROVED_FILE = "approved.json"
+# A new approval the build has not yet proven to fit beside the service's other models: published by
+# renaming it to approved.json once the whole-service fit passes, removed if it fails.
+PENDING_FILE = "approved.pending.json"
 MANIFEST_FILE = "manifest.json"
 RUNTIME_FILE = "runtime.json"
 CHUNK = 1 << 20
@@ -86,21 +89,30 @@ def verify_files(folder: Path, files: dict[str, Any]) -> None:
             raise ArtifactError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
 
 
-def load_approved(model_dir: Path, verify: bool = True) -> ApprovedArtifact:
-    """Follow `approved.json` to its manifest, checking the manifest's own hash and then every file."""
-    pointer = read_json(model_dir / APPROVED_FILE)
+def approval_pointer(model_dir: Path, pending: bool = False) -> Path:
+    """The pointer file to follow: with `pending`, a pending approval where there is one."""
+    if pending and (model_dir / PENDING_FILE).is_file():
+        return model_dir / PENDING_FILE
+    return model_dir / APPROVED_FILE
+
+
+def load_approved(model_dir: Path, verify: bool = True, pending: bool = False) -> ApprovedArtifact:
+    """Follow `approved.json` (or, with `pending`, a pending approval where there is one) to its
+    manifest, checking the manifest's own hash and then every file."""
+    pointer_path = approval_pointer(model_dir, pending)
+    pointer = read_json(pointer_path)
     try:
         manifest_rel = str(pointer["manifest"])
         expected = str(pointer["sha256"])
     except KeyError as exc:
-        raise ArtifactError(f"{model_dir / APPROVED_FILE}: missing key {exc}") from None
+        raise ArtifactError(f"{pointer_path}: missing key {exc}") from None
     manifest_path = contained_path(model_dir, manifest_rel)
     try:
         raw = manifest_path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{manifest_path}: approved manifest is missing") from None
     if sha256_bytes(raw) != expected:
-        raise ArtifactError(f"{manifest_path}: sha256 differs from {APPROVED_FILE} (corrupted or tampered)")
+        raise ArtifactError(f"{manifest_path}: sha256 differs from {pointer_path.name} (corrupted or tampered)")
     manifest = json.loads(raw)
     folder = manifest_path.parent
     if verify:

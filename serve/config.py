@@ -81,6 +81,17 @@ def load_config(path: str | Path, model_cls: type[Model]) -> Model:
         raise ConfigError(format_validation_error(path, exc, model_cls)) from None
 
 
+class SessionSettings(StrictModel):
+    """ONNX Runtime session options that change memory and speed: configured per model, varied and
+    measured per candidate by the build, recorded in the manifest, and used by the service."""
+
+    intra_op_num_threads: int = Field(2, ge=0, le=64)
+    inter_op_num_threads: int = Field(1, ge=0, le=64)
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = False
+    disable_prepacking: bool = False
+
+
 class Limits(StrictModel):
     """Request limits; the worst-case input the pipeline measures is max_batch × max_seq_len, and the
     worst-case body is max_body_bytes in its nastiest forms (see serve/probe.py)."""
@@ -115,6 +126,8 @@ class ServiceConfig(StrictModel):
     # portable model.onnx and say so; require: refuse a model whose prepacked weights cannot load;
     # private: always the portable model (each worker its own copy).
     shared_weights: SharedWeights = "auto"
+    # Serve pending approvals where a model has one: what `memfit optimize` measures before publishing.
+    pending_approvals: bool = False
     artifacts_dir: str = "../artifacts"
 
     @field_validator("headroom_mb")
@@ -157,6 +170,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_TOKENS_PER_RUN": ("limits", "max_tokens_per_run"),
     "THREADS": ("threads",),
     "SHARED_WEIGHTS": ("shared_weights",),
+    "PENDING_APPROVALS": ("pending_approvals",),
     "TRUNCATE": ("limits", "truncate"),
     "ARTIFACTS_DIR": ("artifacts_dir",),
 }

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from serve.artifacts import ArtifactError, load_approved
-from serve.config import ServiceConfig
+from serve.config import ServiceConfig, SessionSettings
 from serve.onnx_refs import check_external_data
 from serve.prepacked import PREPACKED_MODEL
-from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime
 
 log = logging.getLogger("memfit.serve")
 
@@ -31,7 +31,7 @@ class ServedModel:
 def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     """Refuses (ArtifactError) an artifact that does not verify, or a service that accepts more than its
     approval proves: longer inputs, larger bodies, more characters, more threads."""
-    artifact = load_approved(model_dir)
+    artifact = load_approved(model_dir, pending=service.pending_approvals)
     for model_file in (MODEL_FILE, PREPACKED_MODEL):
         if model_file in artifact.manifest["files"]:
             check_external_data(artifact.folder / model_file, allowed=set(artifact.manifest["files"]))
@@ -39,7 +39,7 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     limits = service.limits
     runtime = ModelRuntime(
         artifact.folder,
-        SessionSettings.from_json(artifact.manifest["session_options"]),
+        SessionSettings.model_validate(artifact.manifest["session_options"]),
         max_seq_len=limits.max_seq_len,
         max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
         max_batch=int(proven["max_batch"]),

@@ -2,7 +2,7 @@
 OOM kill; WORKERS=auto starts the most that fit.
 
 The figures come from `service-fit.json`, which `memfit optimize` measures on the real service for
-W = 1, 2, … workers (pipeline/service_fit.py), more workers each at fewer tokens per session run: a
+W = 1, 2, … workers (pipeline/memory/service_fit.py), more workers each at fewer tokens per session run: a
 measured W needs its measured peak plus W × the bodies waiting for the inference lock, and its workers
 run at the tokens per run it was measured at (MAX_TOKENS_PER_RUN, set for them by the gunicorn master).
 An unmeasured W is extrapolated on the line through the runs, at full tokens per run. Shared pages
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved, read_json
+from serve.artifacts import ArtifactError, approval_pointer, load_approved, read_json
 from serve.config import ConfigError, ServiceConfig, load_service_config, model_names, resolve
 from serve.memory import status_mb
 
@@ -95,8 +95,9 @@ def worker_figures(config: ServiceConfig, path: Path) -> tuple[WorkerFigures, di
     peaks, approvals = [], {}
     for name in model_names(config, path):
         try:
-            metrics = load_approved(artifacts / name, verify=False).manifest["metrics"]
-            approvals[name] = read_json(artifacts / name / APPROVED_FILE)["sha256"]
+            pending = config.pending_approvals
+            metrics = load_approved(artifacts / name, verify=False, pending=pending).manifest["metrics"]
+            approvals[name] = read_json(approval_pointer(artifacts / name, pending))["sha256"]
         except KeyError as exc:
             raise ArtifactError(f"{name}: manifest lacks {exc}") from None
         peaks.append((float(metrics["peak_rss_mb"]), float(metrics["rss_after_imports_mb"])))

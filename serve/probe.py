@@ -140,7 +140,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import serve.app
     import serve.worker  # noqa: F401
-    from serve.runtime import ModelRuntime, SessionSettings
+    from serve.config import SessionSettings
+    from serve.runtime import ModelRuntime
 
     after_imports = status_mb()
     pinned = pin_allocator()  # as the service's app factory does
@@ -151,7 +152,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         runtimes.append(
             ModelRuntime(
                 Path(model["folder"]),
-                SessionSettings.from_json(model["session_options"]),
+                SessionSettings.model_validate(model["session_options"]),
                 max_seq_len=seq_len,
                 max_tokens_per_run=model["batch"] * seq_len,
                 max_batch=max_batch,

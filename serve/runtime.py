@@ -17,7 +17,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from serve.artifacts import RUNTIME_FILE, ArtifactError
-from serve.config import SharedWeights
+from serve.config import SessionSettings, SharedWeights
 from serve.prepacked import choose_weights
 
 MODEL_FILE = "model.onnx"
@@ -54,34 +54,21 @@ class RuntimeSpec:
         }
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """ONNX Runtime session options that change memory and speed; recorded in the manifest."""
-
-    intra_op_num_threads: int = 2
-    inter_op_num_threads: int = 1
-    enable_cpu_mem_arena: bool = True
-    enable_mem_pattern: bool = False
-    disable_prepacking: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SessionSettings:
-        return cls(**data)
-
-    def build(self, optimize: bool = True) -> ort.SessionOptions:
-        """The options; `optimize=False` for a model saved already optimized (the prepacked one)."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_num_threads
-        options.inter_op_num_threads = self.inter_op_num_threads
-        options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
-        options.enable_mem_pattern = self.enable_mem_pattern
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
-        options.log_severity_level = 3
-        if self.disable_prepacking:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        return options
+def session_options(settings: SessionSettings, optimize: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime's options for `settings`; `optimize=False` for a model saved already optimized (the
+    prepacked one)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_num_threads
+    options.inter_op_num_threads = settings.inter_op_num_threads
+    options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
+    options.enable_mem_pattern = settings.enable_mem_pattern
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if settings.disable_prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 class InputTooLong(ValueError):
@@ -133,7 +120,7 @@ class ModelRuntime:
         if not (folder / MODEL_FILE).is_file():
             raise ArtifactError(f"{folder / MODEL_FILE}: missing")
         self.weights = choose_weights(folder / MODEL_FILE, shared_weights, not session.disable_prepacking)
-        options = session.build(optimize=not self.weights.shared)
+        options = session_options(session, optimize=not self.weights.shared)
         self.session = ort.InferenceSession(
             str(self.weights.path), sess_options=options, providers=["CPUExecutionProvider"]
         )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.baseline import check_baseline
+from pipeline.memory.baseline import check_baseline
 from serve.artifacts import load_approved
 from tests.conftest import TinyRun
 

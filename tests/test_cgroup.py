@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.cgroup import MemoryCgroup, unavailable_reason
+from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"memory cgroup: {REASON}")

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.cgroup import unavailable_reason as cgroup_reason
 from pipeline.gates import RSS_TIE
-from pipeline.servebench import GunicornService, MemorySampler, request_mix, run_mix
+from pipeline.memory.cgroup import unavailable_reason as cgroup_reason
+from pipeline.memory.harness import GunicornService, MemorySampler, request_mix, run_mix
 from serve.artifacts import load_approved
-from serve.config import load_service_config
+from serve.config import SessionSettings, load_service_config
 from serve.memory import status_mb
-from serve.runtime import ModelRuntime, SessionSettings
+from serve.runtime import ModelRuntime
 from tests.conftest import MinilmRun
 from tests.helpers import OPTIMIZE_TIMEOUT_S, REPO, memfit
 
@@ -116,7 +116,7 @@ def test_real_service_stays_within_budget_under_500_mixed_requests(minilm_run: M
         texts = ["A quiet, funny film about memory.", "The worst sequel of the year.", "fine"]
         served = np.array(service.request("POST", "/api/embed", {"inputs": texts}).body["embeddings"])
         artifact = load_approved(minilm_run.artifacts / "minilm")
-        runtime = ModelRuntime(artifact.folder, SessionSettings.from_json(m["session_options"]), 128, 4096)
+        runtime = ModelRuntime(artifact.folder, SessionSettings.model_validate(m["session_options"]), 128, 4096)
         expected = runtime.embed(texts)
         assert ((served * expected).sum(1)).min() >= 0.9999  # both unit-normalized
 

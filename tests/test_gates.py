@@ -6,7 +6,7 @@ import random
 
 from pipeline.config import Gates
 from pipeline.gates import select
-from pipeline.memory_curve import MemoryCurve
+from pipeline.memory.curve import MemoryCurve
 from pipeline.ranking import ROUNDS, Timing
 from pipeline.state import Evaluation, Measurement
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.memory_curve import MemoryCurve, curve_batches
+from pipeline.memory.curve import MemoryCurve, curve_batches
 
 
 def test_fit_recovers_a_linear_peak() -> None:

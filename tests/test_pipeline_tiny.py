@@ -7,10 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
-from pipeline.cgroup import unavailable_reason as cgroup_reason
-from serve.artifacts import APPROVED_FILE, load_approved
+from pipeline.memory.cgroup import unavailable_reason as cgroup_reason
+from serve.artifacts import APPROVED_FILE, PENDING_FILE, load_approved
 from tests.conftest import TinyRun
 from tests.helpers import memfit
 
@@ -206,3 +207,27 @@ def test_finetuned_classifier_source_is_trained_once_and_optimized(tiny_run: Tin
     stamp = (trained / "model.safetensors").stat().st_mtime_ns
     assert optimize()["source"]["weights_sha256"] == manifest["source"]["weights_sha256"]  # seeded, cached
     assert (trained / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_service_that_does_not_fit_publishes_none_of_its_new_approvals(
+    tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All or nothing: both models pass their gates, the whole service (faked here to measure over its
+    budget) does not fit, so neither new approval is published and the previous ones still serve."""
+    import pipeline.run
+    from pipeline.stages import StageError
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, root)
+    artifacts = root / "artifacts"
+    before = {m: (artifacts / m / APPROVED_FILE).read_bytes() for m in ("tiny-embed", "tiny-clf")}
+    fit_before = (artifacts / "service-fit.json").read_bytes()
+    over = {**json.loads(fit_before), "fits": False, "total_mb": 600.0}
+    monkeypatch.setattr(pipeline.run, "measure_service", lambda configs: over)
+    with pytest.raises(StageError, match=r"the service does not fit: .* 600 MB .*previous approvals left untouched"):
+        pipeline.run.optimize(root / "configs" / "service.yaml")
+    for model, pointer in before.items():
+        assert (artifacts / model / APPROVED_FILE).read_bytes() == pointer
+        assert not (artifacts / model / PENDING_FILE).exists()
+        load_approved(artifacts / model)
+    assert (artifacts / "service-fit.json").read_bytes() == fit_before

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import serve.prepacked
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from serve.artifacts import ArtifactError, load_approved
 from serve.config import load_service_config
 from serve.loader import open_approved

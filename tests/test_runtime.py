@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve.runtime import InputTooLong, ModelRuntime, SessionSettings, pool
+from serve.config import SessionSettings
+from serve.runtime import InputTooLong, ModelRuntime, pool
 from tests.conftest import TinyRun
 
 

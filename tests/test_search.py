@@ -27,10 +27,10 @@ from pipeline.candidates.mixed_precision import (
     rank_nodes,
 )
 from pipeline.candidates.quantize import DynamicInt8Config
-from pipeline.config import SESSION_VARIANTS, Gates, SessionConfig
+from pipeline.config import SESSION_VARIANTS, Gates
 from pipeline.stages.measure import SESSION_SLOWDOWN, MeasureStage, quick_variants
-from serve.config import Limits
-from serve.runtime import MODEL_FILE, ModelRuntime, SessionSettings
+from serve.config import Limits, SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime
 from tests.conftest import TinyRun
 from tests.helpers import memfit
 
@@ -183,7 +183,7 @@ def fake_probes(peaks: dict[tuple[str, int], float], slowdown: dict[str, tuple[f
     """A MeasureStage.probe that answers from a table of (session variant, rows) -> peak MB, and of
     session variant -> (worst-case seconds, one-text ms) (1 s and 10 ms unless given)."""
     by_options = {
-        json.dumps(MeasureStage(SessionConfig(), (), 1, Gates()).options(v), sort_keys=True): v
+        json.dumps(MeasureStage(SessionSettings(), (), 1, Gates()).options(v), sort_keys=True): v
         for v in SESSION_VARIANTS
     }
 
@@ -203,7 +203,7 @@ def test_session_variant_is_picked_where_the_service_will_run(monkeypatch: pytes
     """Worst case fits: the lowest worst-case peak wins. It does not: the lowest one-row peak wins,
     because the service will run small micro-batches, where the base decides how many rows fit."""
     context = SimpleNamespace(service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)), share_mb=300.0)
-    stage = MeasureStage(SessionConfig(), ("configured", "mem-pattern-on", "prepacking-off"), 1, Gates())
+    stage = MeasureStage(SessionSettings(), ("configured", "mem-pattern-on", "prepacking-off"), 1, Gates())
     peaks = {("configured", 8): 280.0, ("mem-pattern-on", 8): 250.0, ("prepacking-off", 8): 290.0}
     monkeypatch.setattr(MeasureStage, "probe", fake_probes(peaks))
     variant, probes, trials = stage.pick_variant(context, None, full=True)  # type: ignore[arg-type]
@@ -238,7 +238,7 @@ def test_a_much_slower_session_variant_cannot_win_on_memory(
     but 9x slower on one text, for 8-bit weights with int8 compute. A variant over SESSION_SLOWDOWN
     slower than the fastest on either does not compete."""
     context = SimpleNamespace(service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)), share_mb=300.0)
-    stage = MeasureStage(SessionConfig(), ("configured", "prepacking-off"), 1, Gates())
+    stage = MeasureStage(SessionSettings(), ("configured", "prepacking-off"), 1, Gates())
     peaks = {("configured", 8): 280.0, ("prepacking-off", 8): 240.0}
     monkeypatch.setattr(MeasureStage, "probe", fake_probes(peaks, {"prepacking-off": prepacking_off}))
     assert stage.pick_variant(context, None, full=True)[0] == chosen  # type: ignore[arg-type]

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from serve.artifacts import load_approved
-from serve.runtime import ModelRuntime, SessionSettings
+from serve.config import SessionSettings
+from serve.runtime import ModelRuntime
 from tests.conftest import TinyRun
 from tests.helpers import REPO, memfit
 
@@ -54,7 +55,9 @@ def test_embeddings_match_the_evaluated_artifact(service: GunicornService, tiny_
     assert reply.status == 200 and reply.body["model"] == "tiny-embed"
     served = np.array(reply.body["embeddings"])
     artifact = load_approved(tiny_run.artifacts / "tiny-embed")
-    runtime = ModelRuntime(artifact.folder, SessionSettings.from_json(artifact.manifest["session_options"]), 64, 512)
+    runtime = ModelRuntime(
+        artifact.folder, SessionSettings.model_validate(artifact.manifest["session_options"]), 64, 512
+    )
     expected = runtime.embed(texts)
     cosine = (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() >= 0.9999

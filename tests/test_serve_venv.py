@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from tests.conftest import TinyRun
 from tests.helpers import REPO
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.service_fit import Activations, counted_peak, line, tokens_for
+from pipeline.memory.service_fit import Activations, counted_peak, line, tokens_for
 
 # One model proven at 32 × 128 tokens per run, 27.8 MB per 1,000 tokens (MiniLM's measured curve).
 MINILM = Activations(((4096, 0.0278),), 128)

@@ -27,7 +27,8 @@ from pipeline.config import Gates
 from pipeline.fidelity import Fidelity, FidelityReference
 from pipeline.gates import fidelity_failures
 from pipeline.progress import bar
-from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec, SessionSettings
+from serve.config import SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec
 
 if TYPE_CHECKING:
     from pipeline.candidates import PassJob

@@ -1,11 +1,15 @@
 """Fail-closed approval: apply the gates, pick one candidate, and publish it atomically.
 
-The variant folder is written to a temp dir and renamed into place; only then is approved.json
-replaced (atomically). If nothing passes, the previous approval is left untouched.
+The variant folder is written to a temp dir and renamed into place; only then is a pending pointer
+written beside approved.json. `memfit optimize` measures the whole service on the pending approvals and
+only then replaces each approved.json with its pending pointer (atomically); if any model of the service
+passes no gate or the service does not fit, every pending pointer is withdrawn and the previous
+approvals are left untouched.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +28,7 @@ from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Meas
 from serve.artifacts import (
     APPROVED_FILE,
     MANIFEST_FILE,
+    PENDING_FILE,
     RUNTIME_FILE,
     ArtifactError,
     load_approved,
@@ -31,9 +36,10 @@ from serve.artifacts import (
     sha256_bytes,
     sha256_file,
 )
+from serve.config import SessionSettings
 from serve.onnx_refs import check_external_data
 from serve.prepacked import PREPACKED_MODEL, PREPACKED_STAMP, prepacked_files
-from serve.runtime import MODEL_FILE, TOKENIZER_FILE, ModelRuntime, SessionSettings
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE, ModelRuntime
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
 RANKING_VERSION = 1  # bump when the timing changes: cached rankings keyed on it are then redone
@@ -125,9 +131,20 @@ def publish(model_dir: Path, candidate: Candidate, manifest_for: Callable[[dict[
         (tmp / MANIFEST_FILE).write_bytes(json_bytes(manifest_for(files)))
     manifest_sha = sha256_bytes((final / MANIFEST_FILE).read_bytes())
     pointer = {"variant": final.name, "manifest": f"{final.name}/{MANIFEST_FILE}", "sha256": manifest_sha}
-    write_bytes_atomic(model_dir / APPROVED_FILE, json_bytes(pointer))
-    prune(model_dir, keep=final)
+    write_bytes_atomic(model_dir / PENDING_FILE, json_bytes(pointer))
     return final
+
+
+def settle(model_dir: Path, publish_pending: bool) -> None:
+    """Publish a pending approval (atomically replace approved.json with it), or withdraw it; then prune."""
+    pending = model_dir / PENDING_FILE
+    if pending.is_file():
+        if publish_pending:
+            os.replace(pending, model_dir / APPROVED_FILE)
+        else:
+            pending.unlink()
+    if (model_dir / APPROVED_FILE).is_file():
+        prune(model_dir, keep=load_approved(model_dir, verify=False).folder)
 
 
 def prune(model_dir: Path, keep: Path) -> None:
@@ -168,7 +185,7 @@ class ApproveStage:
             runtimes = {
                 name: ModelRuntime(
                     folders[name],
-                    SessionSettings.from_json(measurements[name].session_options),
+                    SessionSettings.model_validate(measurements[name].session_options),
                     limits.max_seq_len,
                     measurements[name].batch * limits.max_seq_len,
                     limits.max_batch,
@@ -204,7 +221,7 @@ class ApproveStage:
 
         folder = publish(context.artifacts_dir, candidate, manifest_for)
         try:
-            load_approved(context.artifacts_dir)
+            load_approved(context.artifacts_dir, pending=True)
         except ArtifactError as exc:  # pragma: no cover - would mean the write itself is broken
             raise RuntimeError(f"freshly approved artifact does not verify: {exc}") from exc
         return replace(state, verdicts=verdicts, approved=folder)

@@ -17,9 +17,10 @@ from pipeline.data import Dataset
 from pipeline.progress import step
 from pipeline.state import BuildContext, BuildState, Candidate, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
+from serve.config import SessionSettings
 from serve.onnx_refs import check_external_data
 from serve.prepacked import ensure_prepacked
-from serve.runtime import MODEL_FILE, TOKENIZER_FILE, SessionSettings
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE, session_options
 
 SETTINGS_FILE = "settings.json"
 
@@ -91,6 +92,6 @@ class CandidatesStage:
             folder = builder.build(spec)
             size = (folder / MODEL_FILE).stat().st_size / 2**20
             search = read_json(folder / SEARCH_FILE) if (folder / SEARCH_FILE).is_file() else None
-            ensure_prepacked(folder / MODEL_FILE, SessionSettings().build())
+            ensure_prepacked(folder / MODEL_FILE, session_options(SessionSettings()))
             candidates.append(Candidate(name, folder, builder.settings(spec), round(size, 1), search))
         return replace(state, candidates=tuple(candidates))

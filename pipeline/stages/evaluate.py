@@ -22,7 +22,7 @@ from pipeline.progress import bar
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation
 from serve.artifacts import sha256_file
 from serve.config import ConfigError
-from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec, SessionSettings
+from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec
 
 CHUNK = 256
 EVALUATION_VERSION = 1  # bump when scoring changes: cached evaluations keyed on it are then recomputed
@@ -83,7 +83,7 @@ class EvaluateStage:
 
     def runtime(self, context: BuildContext, candidate: Candidate) -> ModelRuntime:
         limits = context.service.limits
-        settings = SessionSettings(**context.model.session_options.model_dump())
+        settings = context.model.session_options
         return ModelRuntime(
             candidate.folder, settings, limits.max_seq_len, context.max_tokens_per_run, limits.max_batch
         )

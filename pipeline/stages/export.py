@@ -18,7 +18,8 @@ from pipeline.progress import step
 from pipeline.stages import StageError
 from pipeline.state import BuildContext, BuildState, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
-from serve.runtime import ModelRuntime, RuntimeSpec, SessionSettings
+from serve.config import SessionSettings
+from serve.runtime import ModelRuntime, RuntimeSpec
 
 VALIDATION_FILE = "validation.json"
 REFERENCE_BATCH = 16

@@ -19,14 +19,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.cache import cache_key
-from pipeline.config import SESSION_VARIANTS, Gates, SessionConfig, SessionVariant
+from pipeline.config import SESSION_VARIANTS, Gates, SessionVariant
 from pipeline.gates import RSS_TIE, evaluation_failures
-from pipeline.measure import ProbeError, run_probe
-from pipeline.memory_curve import MemoryCurve, curve_batches
+from pipeline.memory.curve import MemoryCurve, curve_batches
+from pipeline.memory.probe import ProbeError, run_probe
 from pipeline.progress import bar
 from pipeline.stages import StageError
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement
 from serve.artifacts import sha256_file
+from serve.config import SessionSettings
 from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
@@ -65,7 +66,7 @@ def quick_variants(timed: dict[SessionVariant, dict[str, float]]) -> list[Sessio
 
 @dataclass(frozen=True)
 class MeasureStage:
-    session: SessionConfig
+    session: SessionSettings
     variants: tuple[SessionVariant, ...]
     repeats: int
     gates: Gates

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from serve.artifacts import ArtifactError, load_approved
 from serve.onnx_refs import check_external_data, external_data_locations
 from tests.conftest import TinyRun

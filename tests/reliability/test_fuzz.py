@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ModelConfig
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from serve.app import parse_json, read_body
 from serve.config import ConfigError, Limits, ServiceConfig, load_config
 from serve.errors import ServiceError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.servebench import GunicornService, Response
+from pipeline.memory.harness import GunicornService, Response
 from serve.artifacts import load_approved
 from tests.conftest import TinyRun
 

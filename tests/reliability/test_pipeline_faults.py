@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.atomic import run_lock
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from pipeline.stages.approve import publish
 from pipeline.state import Candidate
 from serve.artifacts import APPROVED_FILE, ArtifactError, load_approved

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cgroup import MemoryCgroup, unavailable_reason
-from pipeline.servebench import GunicornService
+from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
+from pipeline.memory.harness import GunicornService
 from serve.artifacts import load_approved
 from serve.config import load_service_config
 from serve.memory import status_mb

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pipeline.servebench import GunicornService
+from pipeline.memory.harness import GunicornService
 from serve.artifacts import load_approved
 from serve.memory import status_mb
 from tests.conftest import MinilmRun

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.servebench import GunicornService, request_mix, soak
+from pipeline.memory.harness import GunicornService, request_mix, soak
 from serve.config import load_service_config
 from tests.conftest import MinilmRun
 from tests.helpers import REPO

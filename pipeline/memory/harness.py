@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cgroup import MemoryCgroup
-from pipeline.measure import PROJECT_ROOT
+from pipeline.memory.cgroup import MemoryCgroup
+from pipeline.memory.probe import PROJECT_ROOT
 from serve.memory import rollup_mb, status_mb
 
 WORDS = (

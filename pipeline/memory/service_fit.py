@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
-from pipeline.cgroup import MemoryCgroup, unavailable_reason
 from pipeline.config import LoadedConfigs
-from pipeline.measure import run_probe
+from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
+from pipeline.memory.harness import GunicornService
+from pipeline.memory.probe import run_probe
+from pipeline.memory.sampler import SamplerProcess
 from pipeline.progress import step
-from pipeline.sampler import SamplerProcess
-from pipeline.servebench import GunicornService
 from serve.app import INFERENCE_ENDPOINTS
-from serve.artifacts import APPROVED_FILE, ApprovedArtifact, load_approved, read_json
+from serve.artifacts import ApprovedArtifact, approval_pointer, load_approved, read_json
 from serve.memory import status_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb
 from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
@@ -130,6 +130,7 @@ def measure_workers(
         "WORKER_CONNECTIONS": "1",
         "TRUNCATE": "true",
         "PLAN_CHECK": "skip",
+        "PENDING_APPROVALS": "true",
     }
     started = time.monotonic()
     with group as cgroup, GunicornService(service_path, env=env, cgroup=cgroup, ready_timeout=300) as service:
@@ -225,7 +226,7 @@ def tokens_for(
 def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS) -> dict[str, Any]:
     service, root = configs.service, configs.artifacts_dir
     budget = service.budget_mb
-    artifacts = [load_approved(root / model.name) for model, _ in configs.models]
+    artifacts = [load_approved(root / model.name, pending=True) for model, _ in configs.models]
     one_process = measure_one_process(artifacts, configs, repeats)
     bodies = load_bodies(artifacts, configs)
     activations = Activations.of(artifacts, service.limits.max_seq_len)
@@ -273,7 +274,7 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int =
         "fits": planned_fit(first, held_mb, budget),
         "one_process": one_process,
         "models": models,
-        "approvals": {a.model: read_json(root / a.model / APPROVED_FILE)["sha256"] for a in artifacts},
+        "approvals": {a.model: read_json(approval_pointer(root / a.model, pending=True))["sha256"] for a in artifacts},
     }
 
 

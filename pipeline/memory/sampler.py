@@ -1,5 +1,5 @@
 """Memory sampler in its own process, so request threads and the load generator cannot starve it:
-`python -m pipeline.sampler MASTER_PID` samples master + workers every 10 ms until its stdin closes,
+`python -m pipeline.memory.sampler MASTER_PID` samples master + workers every 10 ms until its stdin closes,
 then prints one JSON line: peak figures (RSS and PSS sums), number of samples and the longest gap."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
-from pipeline.measure import PROJECT_ROOT, probe_env
-from pipeline.servebench import MemorySampler
+from pipeline.memory.harness import MemorySampler
+from pipeline.memory.probe import PROJECT_ROOT, probe_env
 
 
 class SamplerProcess:
@@ -25,7 +25,7 @@ class SamplerProcess:
 
     def __enter__(self) -> SamplerProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.sampler", str(self.master_pid)],
+            [sys.executable, "-m", "pipeline.memory.sampler", str(self.master_pid)],
             cwd=PROJECT_ROOT,
             env=probe_env(),
             stdin=subprocess.PIPE,
