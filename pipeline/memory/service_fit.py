@@ -47,8 +47,8 @@ RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before t
 MB = 1024 * 1024
 
 
-def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> list[tuple[str, str, bytes]]:
-    """(label, path, body) of everything every worker is sent, model by model."""
+def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> list[tuple[str, bytes]]:
+    """(path, body) of everything every worker is sent, model by model."""
     limits = configs.service.limits
     paths = {task: f"/api/{endpoint}" for endpoint, task in INFERENCE_ENDPOINTS.items()}
     bodies = []
@@ -56,21 +56,17 @@ def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> li
         path = paths[artifact.manifest["task"]]
         requests = [worst_case_texts(limits.max_batch, limits.max_seq_len)]
         requests += sweep_requests(limits.max_batch, limits.max_seq_len)
-        for texts in requests:
-            bodies.append((f"{artifact.model}: {len(texts)} texts", path, json.dumps(artifact_body(artifact, texts))))
+        bodies += [(path, json.dumps({"model": artifact.model, "inputs": texts}).encode()) for texts in requests]
         chars = int(artifact.manifest["limits"]["max_input_chars"])
-        for name, body in hostile_bodies(limits.max_batch, limits.max_body_bytes, chars, artifact.model):
-            bodies.append((f"{artifact.model}: {name}", path, body.decode()))
-    return [(label, path, body.encode()) for label, path, body in bodies]
-
-
-def artifact_body(artifact: ApprovedArtifact, texts: list[str]) -> dict[str, Any]:
-    return {"model": artifact.model, "inputs": texts}
+        hostile = hostile_bodies(limits.max_batch, limits.max_body_bytes, chars, artifact.model)
+        bodies += [(path, body) for _, body in hostile]
+    return bodies
 
 
 def held_request(port: int, method: str, path: str, body: bytes, release: threading.Barrier) -> tuple[int, bytes]:
     """Send a request but its last byte, wait until every client of the round has, then the last byte:
-    (status, response body); 599 when the connection failed (a worker killed meanwhile)."""
+    (status, response body); 599 when the connection failed (a worker killed meanwhile) or another
+    client of the round did."""
     raw = (
         f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -78,11 +74,12 @@ def held_request(port: int, method: str, path: str, body: bytes, release: thread
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
             sock.sendall(raw[:-1])
-            release.wait()
+            release.wait(timeout=120)
             time.sleep(RELEASE_DELAY_S)
             sock.sendall(raw[-1:])
             answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
-    except OSError:
+    except (OSError, threading.BrokenBarrierError):
+        release.abort()  # the round's other clients stop waiting for this one
         return 599, b""
     head, _, content = answer.partition(b"\r\n\r\n")
     return (int(head.split(b" ", 2)[1]), content) if head.startswith(b"HTTP/") else (599, b"")
@@ -107,17 +104,17 @@ def wait_for_every_worker(service: GunicornService, workers: int, timeout: float
     raise RuntimeError(f"the service did not spread {workers} connections over {workers} workers: {service.log()}")
 
 
-def run_lockstep(service: GunicornService, workers: int, bodies: list[tuple[str, str, bytes]]) -> dict[int, int]:
+def run_lockstep(service: GunicornService, workers: int, bodies: list[tuple[str, bytes]]) -> dict[int, int]:
     """Every body to every worker at once; counts of the answers' status codes."""
     statuses: dict[int, int] = {}
-    for _, path, body in bodies:
+    for path, body in bodies:
         for code, _ in lockstep(service.port, workers, "POST", path, body):
             statuses[code] = statuses.get(code, 0) + 1
     return statuses
 
 
 def measure_workers(
-    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[Any]
+    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[tuple[str, bytes]]
 ) -> dict[str, Any]:
     """The service with `workers` workers, each running at most `tokens` per session run, under the
     lockstep load: cgroup peak (where one can be made), PSS and RSS sums, each worker's VmHWM, and
