@@ -190,3 +190,29 @@ def test_a_tie_on_every_criterion_goes_to_the_configured_order() -> None:
     verdicts = select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_latency", timed(evaluations))
     assert [v.variant for v in verdicts if v.chosen] == ["first"]
     assert verdicts[1].note == "tied with first on speed, memory and fidelity; listed after it"
+
+
+def test_a_changed_approval_names_its_cause() -> None:
+    from pipeline.provenance import versions
+    from pipeline.stages.approve import approval_change
+    from pipeline.state import Verdict
+
+    previous = {"variant": {"name": "int8-mixed"}, "versions": versions()}
+    verdicts = (
+        Verdict("int8-mixed", (), note="worst-case peak 265.3 MB vs wo8 225.8 MB"),
+        Verdict("wo8", (), chosen=True, note="best by lowest latency"),
+        Verdict("int8", ("mean cosine 0.9917 < 0.995",)),
+    )
+    assert approval_change(None, "wo8", verdicts) is None
+    assert approval_change({**previous, "variant": {"name": "wo8"}}, "wo8", verdicts) is None
+    assert approval_change(previous, "wo8", verdicts) == (
+        "approval changes from int8-mixed to wo8: the ranking: int8-mixed worst-case peak 265.3 MB vs wo8 225.8 MB"
+    )
+    failed = approval_change({**previous, "variant": {"name": "int8"}}, "wo8", verdicts)
+    assert failed == "approval changes from int8 to wo8: int8 now fails the gates (mean cosine 0.9917 < 0.995)"
+    gone = approval_change({**previous, "variant": {"name": "fp32"}}, "wo8", verdicts)
+    assert gone == "approval changes from fp32 to wo8: fp32 is no longer a configured candidate"
+    older = {**previous, "versions": {**versions(), "onnxruntime": "1.31.0"}}
+    assert approval_change(older, "wo8", verdicts).endswith(  # type: ignore[union-attr]
+        f"; versions changed: onnxruntime 1.31.0 -> {versions()['onnxruntime']}"
+    )

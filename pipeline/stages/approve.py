@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from pipeline.gates import gate_failures, select
 from pipeline.progress import step
 from pipeline.provenance import machine, versions
 from pipeline.ranking import ROUNDS, TEXTS_PER_ROUND, Timing, time_interleaved
-from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel
+from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel, Verdict
 from serve.artifacts import (
     APPROVED_FILE,
     MANIFEST_FILE,
@@ -113,6 +114,25 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
     }
+
+
+def approval_change(previous: dict[str, Any] | None, chosen: str, verdicts: tuple[Verdict, ...]) -> str | None:
+    """Why the approval moves from the previous manifest's variant to `chosen`, in one line; None when
+    it does not move (or there was none): the gates, the ranking, the candidate list, and the versions."""
+    if previous is None or previous["variant"]["name"] == chosen:
+        return None
+    before = previous["variant"]["name"]
+    verdict = next((v for v in verdicts if v.variant == before), None)
+    if verdict is None:
+        cause = f"{before} is no longer a configured candidate"
+    elif verdict.failures:
+        cause = f"{before} now fails the gates ({'; '.join(verdict.failures)})"
+    else:
+        cause = f"the ranking: {before} {verdict.note}"
+    moved = {k: (v, versions().get(k)) for k, v in previous.get("versions", {}).items() if versions().get(k) != v}
+    if moved:
+        cause += "; versions changed: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(moved.items()))
+    return f"approval changes from {before} to {chosen}: {cause}"
 
 
 def publish(model_dir: Path, candidate: Candidate, manifest_for: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
@@ -213,11 +233,19 @@ class ApproveStage:
         if chosen is None:
             return replace(state, verdicts=verdicts)
         candidate = next(c for c in state.candidates if c.variant == chosen)
+        try:
+            previous: dict[str, Any] | None = load_approved(context.artifacts_dir, verify=False).manifest
+        except ArtifactError:
+            previous = None
+        change = approval_change(previous, chosen, verdicts)
+        if change is not None:
+            print(f"memfit: {context.model.name}: {change}", file=sys.stderr)
 
         def manifest_for(files: dict[str, Any]) -> dict[str, Any]:
-            return build_manifest(
+            manifest = build_manifest(
                 context, source, candidate, evaluations[chosen], measurements[chosen], files, self.gates
             )
+            return {**manifest, "approval_change": change}
 
         folder = publish(context.artifacts_dir, candidate, manifest_for)
         try:
