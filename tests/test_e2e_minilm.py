@@ -144,7 +144,8 @@ def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp
         f"share {share} MB: worst case {metrics['worst_case_peak_mb']} MB, {limits['max_tokens_per_run']} tokens/run "
         f"peak {metrics['peak_rss_mb']} MB, predicted {metrics['memory_curve']['predicted_peak_mb']} MB"
     )
-    assert metrics["worst_case_peak_mb"] > share  # the premise: the worst case in one run does not fit
+    # The premise: the worst case in one run, with the request path's bodies, does not fit the share.
+    assert metrics["worst_case_peak_mb"] + metrics["peak_rss_mb"] - metrics["model_run_peak_mb"] > share
     # The config's objective is lowest latency: among the candidates no other is measurably faster than,
     # the least memory for the same input (the worst case), not the smallest micro-batch.
     passing = [r for r in candidate_rows(tmp_path / "artifacts").values() if r["verdict"] in ("approved", "passed")]
@@ -165,4 +166,4 @@ def test_tight_budget_derives_micro_batches_that_hold(minilm_run: MinilmRun, tmp
     assert load["failures"] == []
     print(f"worker VmHWM {worker_hwm:.1f} MB serving 32 x 128 requests; peak {sampler.peak()}")
     assert worker_hwm <= metrics["peak_rss_mb"] * PROOF_SLACK
-    assert sampler.peak()["total_rss"] <= 290
+    assert sampler.peak()["total_pss"] <= 290  # master and worker as the kernel counts them
