@@ -242,3 +242,36 @@ def test_a_much_slower_session_variant_cannot_win_on_memory(
     peaks = {("configured", 8): 280.0, ("prepacking-off", 8): 240.0}
     monkeypatch.setattr(MeasureStage, "probe", fake_probes(peaks, {"prepacking-off": prepacking_off}))
     assert stage.pick_variant(context, None, full=True)[0] == chosen  # type: ignore[arg-type]
+
+
+def test_the_proof_steps_the_micro_batch_down_until_the_request_path_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request path's bodies add more than the model runs alone, and not a constant amount (the
+    tokenizer's retained heap stays under smaller runs): the proof re-derives the micro-batch from the
+    curve with each measured excess until the proof itself fits the share."""
+    context = SimpleNamespace(service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)), share_mb=150.0)
+    stage = MeasureStage(SessionSettings(), ("configured",), 1, Gates())
+    excess = {5: 30.0, 2: 40.0, 1: 40.0}
+    proofs: list[int] = []
+
+    def probe(self: MeasureStage, context: Any, candidate: Any, options: Any, rows: int, proof: bool = False) -> dict:
+        peak = 100.0 + 10.0 * rows + (excess[rows] if proof else 0.0)
+        if proof:
+            proofs.append(rows)
+        return {
+            "vmhwm_mb": peak,
+            "ru_maxrss_mb": peak,
+            "rss_after_imports_mb": 70.0,
+            "rss_after_load_mb": 100.0,
+            "run_s": [1.0],
+            "one_text_ms": [10.0],
+            "request_path": {"statuses": {"200": 1}} if proof else None,
+            "vmhwm_before_request_path_mb": 100.0 + 10.0 * rows,
+            "allocator_pinned": True,
+            "max_input_chars": [512],
+            "max_request_chars": [4096],
+        }
+
+    monkeypatch.setattr(MeasureStage, "probe", probe)
+    measurement = stage.measure(context, None, full=True)  # type: ignore[arg-type]
+    assert proofs == [5, 2, 1]
+    assert measurement.batch == 1 and measurement.peak_rss_mb == 150.0 and measurement.model_run_peak_mb == 110.0

@@ -32,7 +32,7 @@ from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
 TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
-MEASUREMENT_VERSION = 8  # bump when probing changes: cached measurements keyed on it are then redone
+MEASUREMENT_VERSION = 9  # bump when probing changes: cached measurements keyed on it are then redone
 
 
 def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
@@ -127,7 +127,7 @@ class MeasureStage:
         chosen = results[rows]
         if full:  # the proof: the chosen micro-batch, then the largest bodies the service accepts
             chosen = self.probe(context, candidate, options, rows, proof=True)
-            if chosen["vmhwm_mb"] > share and rows > 1 and curve is not None:
+            while chosen["vmhwm_mb"] > share and rows > 1 and curve is not None:  # fewer rows until it fits
                 request_path_mb = chosen["vmhwm_mb"] - results[rows]["vmhwm_mb"]
                 rows = max(1, curve.rows_within(share - request_path_mb, limits.max_seq_len, rows - 1))
                 results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
