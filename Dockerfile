@@ -1,9 +1,9 @@
 # memfit: build stage shrinks and approves the models; runtime stage serves only the approved artifacts.
-# The build stage needs a CPU build of torch 2.13.0: pass your CPU wheel index as PIP_EXTRA_INDEX_URL,
-# or pip may fetch a multi-GB CUDA build.
+# The build stage installs the CPU build of torch 2.13.0 from PyTorch's CPU wheel index (PyPI's default
+# build pulls CUDA, several GB); override PIP_EXTRA_INDEX_URL to use a mirror.
 
 FROM python:3.11-slim AS build
-ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL="https://download.pytorch.org/whl/cpu"
 ARG SERVICE=configs/service.yaml
 ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*

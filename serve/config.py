@@ -122,6 +122,9 @@ class ServiceConfig(StrictModel):
     # Requests one worker reads at once (gunicorn gthread threads); inference runs one at a time, so
     # the rest hold at most their bodies while they wait. Part of what the build proves.
     threads: int = Field(16, ge=1, le=256)
+    # ONNX Runtime threads per session run, at most what the approval measured (None: as approved).
+    # gunicorn sets it to the cores divided by the workers.
+    intra_op_threads: int | None = Field(None, ge=1, le=64)
     # auto: memory-map the prepacked weights where they were built for this runtime and CPU, else load the
     # portable model.onnx and say so; require: refuse a model whose prepacked weights cannot load;
     # private: always the portable model (each worker its own copy).
@@ -169,6 +172,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_REQUEST_CHARS": ("limits", "max_request_chars"),
     "MAX_TOKENS_PER_RUN": ("limits", "max_tokens_per_run"),
     "THREADS": ("threads",),
+    "INTRA_OP_THREADS": ("intra_op_threads",),
     "SHARED_WEIGHTS": ("shared_weights",),
     "PENDING_APPROVALS": ("pending_approvals",),
     "TRUNCATE": ("limits", "truncate"),

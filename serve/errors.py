@@ -8,25 +8,38 @@ from typing import Any
 class ServiceError(Exception):
     """A request the service refuses, or a state in which it cannot answer."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        **details: Any,
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
         self.headers = headers or {}
+        self.param = param  # the request field at fault, where one is
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 
 
-def bad_request(message: str) -> ServiceError:
-    return ServiceError(400, "bad_request", message)
+def bad_request(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(400, "bad_request", message, param=param)
+
+
+def empty(name: str) -> ServiceError:
+    return ServiceError(400, "empty", f"{name!r} is empty", param=name)
 
 
 def unauthorized() -> ServiceError:
     return ServiceError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)")
 
 
-def not_found(message: str) -> ServiceError:
-    return ServiceError(404, "not_found", message)
+def not_found(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(404, "not_found", message, param=param)
 
 
 def method_not_allowed(method: str, allowed: str) -> ServiceError:
@@ -45,12 +58,12 @@ def unsupported_media_type(message: str) -> ServiceError:
     return ServiceError(415, "unsupported_media_type", message)
 
 
-def unprocessable(message: str, **details: Any) -> ServiceError:
-    return ServiceError(422, "unprocessable", message, **details)
+def unprocessable(message: str, param: str | None = None, **details: Any) -> ServiceError:
+    return ServiceError(422, "unprocessable", message, param=param, **details)
 
 
-def not_ready(message: str) -> ServiceError:
-    return ServiceError(503, "not_ready", message)
+def not_ready(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(503, "not_ready", message, param=param)
 
 
 def internal() -> ServiceError:

@@ -1,5 +1,7 @@
 """gunicorn settings for the memfit service; every value an env var (see README)."""
 
+import gc
+import importlib
 import os
 import shutil
 import sys
@@ -7,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from serve.config import ConfigError, load_service_config
-from serve.planner import resolve_workers, worker_tokens
+from serve.planner import PRELOADED, resolve_workers, worker_tokens
 
 SERVICE_CONFIG = Path(os.environ.get("SERVICE_CONFIG", "configs/service.yaml"))
 try:
@@ -19,8 +21,15 @@ try:
     planned_tokens = worker_tokens(SERVICE_CONFIG, workers) if os.environ.get("PLAN_CHECK") != "skip" else None
     if planned_tokens and planned_tokens < (service.limits.max_tokens_per_run or planned_tokens + 1):
         os.environ["MAX_TOKENS_PER_RUN"] = str(planned_tokens)
+    # The cores split between the workers: more ONNX Runtime threads than cores only contend.
+    os.environ.setdefault("INTRA_OP_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 except ConfigError as exc:
     sys.exit(f"memfit serve: {exc}")
+if workers > 1:  # every worker's metrics in one place (serve/metrics.py); set before it is imported
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="memfit-metrics-")
+
+for module in PRELOADED:  # imported once by the master: every worker shares their pages
+    importlib.import_module(module)
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '10000')}"
 # One process per worker, requests read by threads with time bounds; inference one at a time
@@ -51,6 +60,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 def on_starting(server):
     """Refuse to boot a worker count whose measured peaks cannot fit MEMORY_BUDGET_MB; give the workers
     a folder of this run's own (the watchdog's recycle log)."""
+    from serve.metrics import forget_process
     from serve.planner import check_at_master_start
     from serve.watchdog import RUN_DIR_ENV
 
@@ -60,8 +70,11 @@ def on_starting(server):
         fits, message = check_at_master_start(SERVICE_CONFIG, server.cfg.workers)
         print(message, file=sys.stderr, flush=True)
         if not fits:
+            remove_run_folders()
             sys.exit(1)
     os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="memfit-run-")
+    forget_process(os.getpid())  # the master serves no requests: no gauges of its own
+    gc.freeze()  # the imported objects: a collection in a worker would write to, and so copy, their pages
 
 
 def post_request(worker, req, environ, resp):
@@ -71,9 +84,21 @@ def post_request(worker, req, environ, resp):
         worker.alive = False
 
 
+def child_exit(server, worker):
+    from serve.metrics import forget_process
+
+    forget_process(worker.pid)
+
+
 def on_exit(server):
+    remove_run_folders()
+
+
+def remove_run_folders():
+    """This run's own folders: the watchdog's recycle log and the workers' metrics."""
+    from serve.metrics import MULTIPROCESS_ENV
     from serve.watchdog import RUN_DIR_ENV
 
-    folder = os.environ.get(RUN_DIR_ENV)
-    if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in (os.environ.get(RUN_DIR_ENV), os.environ.get(MULTIPROCESS_ENV)):
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -28,31 +28,51 @@ def shown(value: Any) -> str:
     return f"{text[:SHOWN_CHARS]}… ({size})"
 
 
+def fields_of(payload: Any, allowed: tuple[str, ...], example: str) -> dict[str, Any]:
+    """`payload` as a JSON object with no field outside `allowed`; 400/422 otherwise."""
+    if not isinstance(payload, dict):
+        raise errors.bad_request(f"body must be a JSON object like {example}")
+    unknown = sorted(set(payload) - set(allowed))
+    if unknown:
+        raise errors.unprocessable(f"unknown field {shown(unknown[0])}; allowed: {', '.join(allowed)}")
+    return payload
+
+
+def optional(payload: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """Field `name` of `kind` (JSON null as absent), or `default`; 422 for another type."""
+    value = payload.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise errors.unprocessable(f"{name!r} must be a {kind.__name__}", param=name)
+    return value
+
+
+def text_list(value: Any, name: str, limits: Limits) -> list[str]:
+    """A string or a non-empty list of at most `max_batch` strings, as a list."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise errors.bad_request(f"{name!r} must be a string or a list of strings", param=name)
+    if not value:
+        raise errors.empty(name)
+    if len(value) > limits.max_batch:
+        raise errors.unprocessable(
+            f"{len(value)} inputs exceed max_batch ({limits.max_batch})",
+            param=name,
+            limit="max_batch",
+            value=limits.max_batch,
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise errors.unprocessable(f"{name}[{index}] is not a string", param=name)
+    return value
+
+
 def parse_inputs(payload: Any, limits: Limits) -> tuple[str | None, list[str]]:
     """(model name or None, inputs) from `{"model": ..., "inputs": [...]}`; 400/422 on anything else."""
-    if not isinstance(payload, dict):
-        raise errors.bad_request('body must be a JSON object like {"inputs": ["text", ...]}')
-    unknown = sorted(set(payload) - {"model", "inputs"})
-    if unknown:
-        raise errors.unprocessable(f"unknown field {shown(unknown[0])}; allowed: model, inputs")
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise errors.unprocessable("'model' must be a string")
-    inputs = payload.get("inputs")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list):
-        raise errors.bad_request("'inputs' must be a list of strings")
-    if not inputs:
-        raise errors.bad_request("'inputs' is empty")
-    if len(inputs) > limits.max_batch:
-        raise errors.unprocessable(
-            f"{len(inputs)} inputs exceed max_batch ({limits.max_batch})", limit="max_batch", value=limits.max_batch
-        )
-    for index, item in enumerate(inputs):
-        if not isinstance(item, str):
-            raise errors.unprocessable(f"inputs[{index}] is not a string")
-    return model, inputs
+    fields = fields_of(payload, ("model", "inputs"), '{"inputs": ["text", ...]}')
+    return optional(fields, "model", str), text_list(fields.get("inputs"), "inputs", limits)
 
 
 def check_text(index: int, text: str) -> None:

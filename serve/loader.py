@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,16 @@ class ServedModel:
         return self.runtime.spec.task
 
 
+def session_settings(approved: dict[str, Any], intra_op_threads: int | None) -> SessionSettings:
+    """The approved session options, with at most `intra_op_threads` threads: fewer threads never need
+    more memory, and W workers on C cores run fastest with C ÷ W each."""
+    settings = SessionSettings.model_validate(approved)
+    proven = settings.intra_op_num_threads or len(os.sched_getaffinity(0))  # 0: ONNX Runtime's default, the cores
+    if intra_op_threads is None or intra_op_threads >= proven:
+        return settings
+    return settings.model_copy(update={"intra_op_num_threads": intra_op_threads})
+
+
 def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     """Refuses (ArtifactError) an artifact that does not verify, or a service that accepts more than its
     approval proves: longer inputs, larger bodies, more characters, more threads."""
@@ -39,7 +50,7 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     limits = service.limits
     runtime = ModelRuntime(
         artifact.folder,
-        SessionSettings.model_validate(artifact.manifest["session_options"]),
+        session_settings(artifact.manifest["session_options"], service.intra_op_threads),
         max_seq_len=limits.max_seq_len,
         max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
         max_batch=int(proven["max_batch"]),

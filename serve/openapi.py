@@ -36,6 +36,95 @@ INFERENCE_ERRORS = {
 }
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, **({"content": {"application/json": {"schema": schema}}} if schema else {})}
+
+
+def compatible_paths(limits: Limits) -> dict[str, Any]:
+    """OpenAI's and text-embeddings-inference's routes (serve/apis), with the same limits and statuses
+    as /api/*, errors in each API's own shape."""
+    texts = {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "maxItems": limits.max_batch, "items": {"type": "string", "minLength": 1}},
+        ]
+    }
+    openai_error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": "string", "nullable": True},
+                    "code": {"type": "string"},
+                },
+            }
+        },
+    }
+    tei_error = {
+        "type": "object",
+        "required": ["error", "error_type"],
+        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+    }
+    openai_errors = {status: _answer(r["description"], openai_error) for status, r in INFERENCE_ERRORS.items()}
+    tei_errors = {status: _answer(r["description"], tei_error) for status, r in INFERENCE_ERRORS.items()}
+    boolean = {"type": "boolean"}
+
+    def tei_post(summary: str, option: str, answer: str) -> dict[str, Any]:
+        properties = {"inputs": texts, option: boolean, "truncate": boolean}
+        schema = {"type": "object", "additionalProperties": False, "required": ["inputs"], "properties": properties}
+        return {
+            "post": {
+                "summary": f"text-embeddings-inference: {summary}",
+                "requestBody": _body(schema),
+                "responses": {"200": _answer(answer, {"type": "array"}), **tei_errors},
+            }
+        }
+
+    return {
+        "/v1/embeddings": {
+            "post": {
+                "summary": "OpenAI-compatible embeddings (float or base64), with token usage",
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["input", "model"],
+                        "properties": {
+                            "input": texts,
+                            "model": {"type": "string"},
+                            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                            "dimensions": {"type": "integer", "description": "only the model's own"},
+                            "user": {"type": "string"},
+                        },
+                    }
+                ),
+                "responses": {"200": _answer("a list of embeddings", {"type": "object"}), **openai_errors},
+            }
+        },
+        "/v1/models": {"get": {"summary": "OpenAI-compatible model list", "responses": {"200": _answer("models")}}},
+        "/embed": tei_post("embeddings, normalized unless normalize is false", "normalize", "one per input"),
+        "/predict": tei_post("scores per label, highest first", "raw_scores", "predictions"),
+        "/info": {
+            "get": {"summary": "text-embeddings-inference: the first model", "responses": {"200": _answer("info")}}
+        },
+        "/health": {
+            "get": {
+                "summary": "text-embeddings-inference: 200 once every model is served",
+                "responses": {"200": _answer("healthy"), "503": _answer("a model is not served", tei_error)},
+            }
+        },
+    }
+
+
 def openapi_document(limits: Limits) -> dict[str, Any]:
     request = {
         "type": "object",
@@ -93,6 +182,7 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
                     "responses": {"200": _json("Classes"), **INFERENCE_ERRORS},
                 }
             },
+            **compatible_paths(limits),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

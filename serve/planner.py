@@ -24,7 +24,10 @@ from serve.artifacts import ArtifactError, approval_pointer, load_approved, read
 from serve.config import ConfigError, ServiceConfig, load_service_config, model_names, resolve
 from serve.memory import status_mb
 
-MASTER_IMPORTS = "import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner"
+# What the gunicorn master imports for its workers to share: all a worker imports but onnxruntime, whose
+# import starts a thread that a forked worker cannot join when it exits (it aborts).
+PRELOADED = ("tokenizers", "serve.apis.native", "serve.apis.openai", "serve.apis.tei")
+MASTER_IMPORTS = f"import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner, {', '.join(PRELOADED)}"
 SERVICE_FIT_FILE = "service-fit.json"
 
 

@@ -98,7 +98,8 @@ def send_bodies(service: Any, path: str, bodies: Iterator[tuple[str, bytes]]) ->
 def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
     """Every model's hostile bodies, TRUNCATE off and on, twice over (a mix of shapes over many requests),
     while THREADS - 1 full bodies wait as they would for the inference lock."""
-    from serve.app import INFERENCE_ENDPOINTS, Service
+    from serve.apis.native import INFERENCE_PATHS
+    from serve.app import Service
     from serve.config import Limits
     from serve.loader import ServedModel
 
@@ -107,7 +108,6 @@ def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
         f"model-{index}": ServedModel(f"model-{index}", runtime, runtime.folder.name, {})
         for index, runtime in enumerate(runtimes)
     }
-    paths = {task: f"/api/{endpoint}" for endpoint, task in INFERENCE_ENDPOINTS.items()}
     waiting = [b" " * limits.max_body_bytes for _ in range(spec["threads"] - 1)]  # filled: resident
     statuses: dict[int, int] = {}
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
             for name, model in models.items():
                 runtime = model.runtime
                 bodies = hostile_bodies(limits.max_batch, limits.max_body_bytes, runtime.max_input_chars, name)
-                for code, count in send_bodies(service, paths[runtime.spec.task], bodies).items():
+                for code, count in send_bodies(service, INFERENCE_PATHS[runtime.spec.task], bodies).items():
                     statuses[code] = statuses.get(code, 0) + count
     del waiting
     return {"statuses": statuses, "seconds": round(time.perf_counter() - started, 2)}

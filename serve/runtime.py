@@ -105,6 +105,8 @@ class ModelRuntime:
         shared_weights: SharedWeights = "auto",
     ):
         self.folder = folder
+        self.settings = session
+        self.session_runs = 0  # micro-batches run so far (the service's metrics)
         self.spec = RuntimeSpec.read(folder)
         self.max_seq_len = max_seq_len
         self.max_tokens_per_run = max_tokens_per_run
@@ -173,22 +175,26 @@ class ModelRuntime:
             feeds["token_type_ids"] = np.zeros_like(ids)
         return {name: feeds[name] for name in self.input_names}
 
-    def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """The model's answer per input (token ids): pooled embeddings or class probabilities, in order."""
+    def run(self, rows: Sequence[Sequence[int]], normalize: bool | None = None, raw_scores: bool = False) -> np.ndarray:
+        """The model's answer per input (token ids), in order: pooled embeddings, L2-normalized as the
+        model was trained (`normalize` None) or as asked; class probabilities, or logits (`raw_scores`)."""
         results: list[np.ndarray] = [np.empty(0)] * len(rows)
         for group in self.micro_batches([len(tokens) for tokens in rows]):
             feeds = self.feeds([rows[i] for i in group])
             output = self.session.run(None, feeds)[0]
-            values = self._postprocess(output, feeds["attention_mask"])
+            self.session_runs += 1
+            values = self._postprocess(output, feeds["attention_mask"], normalize, raw_scores)
             for row, index in enumerate(group):
                 results[index] = values[row]
         return np.stack(results)
 
-    def _postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _postprocess(
+        self, output: np.ndarray, mask: np.ndarray, normalize: bool | None, raw_scores: bool
+    ) -> np.ndarray:
         if self.spec.task == "text-classification":
-            return softmax(output.astype(np.float32))
+            return output.astype(np.float32) if raw_scores else softmax(output.astype(np.float32))
         pooled = pool(output.astype(np.float32), mask, self.spec.pooling or "mean")
-        if self.spec.normalize:
+        if self.spec.normalize if normalize is None else normalize:
             pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled
 

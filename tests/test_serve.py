@@ -10,16 +10,24 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.memory.harness import GunicornService
+from serve.apis.native import NativeApi
+from serve.apis.openai import OpenAIApi
+from serve.apis.tei import TeiApi
 from serve.artifacts import load_approved
 from serve.config import SessionSettings
+from serve.loader import session_settings
 from serve.runtime import ModelRuntime
 from tests.conftest import TinyRun
 from tests.helpers import REPO, memfit
+
+ROUTES = {"unmatched", *(rule.rule for api in (NativeApi(), OpenAIApi(), TeiApi()) for rule in api.rules())}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,7 @@ BAD_REQUESTS = [
     ("malformed JSON", b'{"inputs": [', 400, "bad_request"),
     ("invalid UTF-8", b'{"inputs": ["\xff\xfe"]}', 400, "bad_request"),
     ("not an object", b'["a"]', 400, "bad_request"),
-    ("empty list", b'{"inputs": []}', 400, "bad_request"),
+    ("empty list", b'{"inputs": []}', 400, "empty"),
     ("deeply nested", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "bad_request"),
     ("non-string item", b'{"inputs": ["ok", 3]}', 422, "unprocessable"),
     ("empty string", b'{"inputs": [""]}', 422, "unprocessable"),
@@ -201,6 +209,7 @@ def test_api_key_protects_everything_but_health_and_ready(tiny_run: TinyRun) -> 
             ("GET", "/api/models", None),
             ("POST", "/api/embed", {"inputs": ["x"]}),
             ("POST", "/api/classify", {"inputs": ["x"]}),
+            ("GET", "/metrics", None),
         ]:
             assert keyed.request(method, path, body).status == 401
             assert keyed.request(method, path, body, headers={"Authorization": "Bearer wrong"}).status == 401
@@ -258,6 +267,27 @@ def test_workers_auto_starts_the_most_that_fit(tiny_run: TinyRun) -> None:
     with GunicornService(tiny_run.service, env={"WORKERS": "auto", "MEMORY_BUDGET_MB": f"{budget:.0f}"}) as service:
         assert service.wait_for_workers(2) == 2
         assert "WORKERS=2 needs" in service.log()
+        threads = service.request("GET", "/api/health").body["intra_op_threads"]
+    # The cores are split between the workers, never above what the approvals measured.
+    cores = len(os.sched_getaffinity(0))
+    for name, used in threads.items():
+        approved = load_approved(tiny_run.artifacts / name).manifest["session_options"]["intra_op_num_threads"]
+        assert used == min(approved or cores, max(1, cores // 2))
+
+
+@pytest.mark.parametrize(
+    ("approved", "configured", "used"),
+    [
+        (2, None, 2),
+        (2, 1, 1),
+        (2, 4, 2),
+        (0, None, 0),
+        pytest.param(0, 1, 1, marks=pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core")),
+    ],
+)
+def test_session_threads_are_lowered_never_raised(approved: int, configured: int | None, used: int) -> None:
+    settings = session_settings(SessionSettings(intra_op_num_threads=approved).model_dump(), configured)
+    assert settings.intra_op_num_threads == used
 
 
 def test_a_bad_workers_value_is_a_one_line_error(tiny_run: TinyRun) -> None:
@@ -290,3 +320,61 @@ def test_a_bad_watchdog_margin_is_a_one_line_error(tiny_run: TinyRun) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "memfit serve: WATCHDOG_MARGIN_PCT must be a number of 0 or more (got '-1')"
+
+
+def metric_samples(service: GunicornService) -> dict[str, list[Any]]:
+    """GET /metrics parsed with prometheus_client's own parser: samples by name."""
+    reply = service.request("GET", "/metrics")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain; version=")
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(reply.raw.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples.get(name, []) if labels.items() <= s.labels.items())
+
+
+def test_metrics_count_requests_tokens_and_memory(service: GunicornService, tiny_run: TinyRun) -> None:
+    before = metric_samples(service)
+    texts = ["a quiet, funny film", "the plot goes nowhere"]
+    for _ in range(3):
+        assert service.request("POST", "/api/embed", {"inputs": texts}).status == 200
+    assert service.request("POST", "/api/embed", {"inputs": []}).status == 400
+    after = metric_samples(service)
+    ok = {"route": "/api/embed", "model": "tiny-embed", "status": "200"}
+    assert value(after, "memfit_requests_total", **ok) - value(before, "memfit_requests_total", **ok) == 3
+    refused = {"route": "/api/embed", "status": "400"}
+    assert value(after, "memfit_requests_total", **refused) - value(before, "memfit_requests_total", **refused) == 1
+    assert value(after, "memfit_request_duration_seconds_count", **ok) >= 3
+    artifact = load_approved(tiny_run.artifacts / "tiny-embed")
+    runtime = ModelRuntime(artifact.folder, SessionSettings(), max_seq_len=64, max_tokens_per_run=4096)
+    tokens = 3 * sum(map(len, runtime.token_ids(texts)))
+    model = {"model": "tiny-embed"}
+    assert value(after, "memfit_tokens_total", **model) - value(before, "memfit_tokens_total", **model) == tokens
+    assert value(after, "memfit_session_runs_total", model="tiny-embed") >= 3
+    health = service.request("GET", "/api/health").body
+    assert value(after, "memfit_worker_rss_mb") > 0 and value(after, "memfit_worker_pss_mb") > 0
+    assert value(after, "memfit_worker_proven_peak_mb") == health["watchdog"]["proven_peak_mb"]
+    assert value(after, "memfit_watchdog_recycles") == health["watchdog"]["recycles"]
+    assert not [s for s in after["memfit_requests_total"] if s.labels["route"] not in ROUTES], "raw paths as labels"
+    service.request("GET", "/no/such/route/" + "x" * 50)
+    assert {s.labels["route"] for s in metric_samples(service)["memfit_requests_total"]} <= ROUTES
+
+
+def test_metrics_of_several_workers_are_one_view(tiny_run: TinyRun) -> None:
+    """With two workers any worker's /metrics counts every worker's requests (multiprocess mode)."""
+    with GunicornService(tiny_run.service, env={"WORKERS": "2", "PLAN_CHECK": "skip"}) as two:
+        assert two.wait_for_workers(2) == 2
+        pids = set()
+        for _ in range(20):  # a new connection each: both workers answer some
+            reply = two.request("POST", "/api/embed", {"inputs": ["x"]})
+            assert reply.status == 200
+            pids.add(two.request("GET", "/api/health").body["pid"])
+        assert len(pids) == 2
+        for _ in range(4):
+            samples = metric_samples(two)
+            assert value(samples, "memfit_requests_total", route="/api/embed", status="200") == 20
+        assert {s.labels["pid"] for s in samples["memfit_worker_rss_mb"]} == {str(p) for p in two.worker_pids()}

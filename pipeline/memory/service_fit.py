@@ -36,7 +36,7 @@ from pipeline.memory.harness import GunicornService
 from pipeline.memory.probe import run_probe
 from pipeline.memory.sampler import SamplerProcess
 from pipeline.progress import step
-from serve.app import INFERENCE_ENDPOINTS
+from serve.apis.native import INFERENCE_PATHS
 from serve.artifacts import ApprovedArtifact, approval_pointer, load_approved, read_json
 from serve.memory import status_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb
@@ -50,10 +50,9 @@ MB = 1024 * 1024
 def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> list[tuple[str, bytes]]:
     """(path, body) of everything every worker is sent, model by model."""
     limits = configs.service.limits
-    paths = {task: f"/api/{endpoint}" for endpoint, task in INFERENCE_ENDPOINTS.items()}
     bodies = []
     for artifact in artifacts:
-        path = paths[artifact.manifest["task"]]
+        path = INFERENCE_PATHS[artifact.manifest["task"]]
         requests = [worst_case_texts(limits.max_batch, limits.max_seq_len)]
         requests += sweep_requests(limits.max_batch, limits.max_seq_len)
         bodies += [(path, json.dumps({"model": artifact.model, "inputs": texts}).encode()) for texts in requests]
