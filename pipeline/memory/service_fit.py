@@ -43,6 +43,7 @@ from serve.planner import SERVICE_FIT_FILE, idle_master_mb
 from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
 
 FIT_MAX_WORKERS = 4  # a 2-core host gains nothing from more CPU-bound workers than this
+FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
 RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before the bodies complete
 MB = 1024 * 1024
 
@@ -194,6 +195,10 @@ class Activations:
         """Activation memory one worker saves running at most `tokens` per run."""
         return sum(slope * max(0, proven - tokens) for proven, slope in self.models)
 
+    def fewer(self, tokens: int, mb: float) -> int | None:
+        """The most tokens per run below `tokens` predicted to save at least `mb` more per worker."""
+        return next((t for t in self.choices() if t < tokens and self.saved_mb(t) - self.saved_mb(tokens) >= mb), None)
+
     def choices(self) -> list[int]:
         """Tokens per run to try, largest first: whole rows of seq_len, down to one row."""
         return list(range(self.full - self.full % self.seq_len, 0, -self.seq_len)) or [self.seq_len]
@@ -219,6 +224,14 @@ def tokens_for(
     return None
 
 
+def after_overshoot(run: dict[str, Any], held: float, activations: Activations, budget: float) -> int | None:
+    """Tokens per run for a count measured over the budget: at least as much less as the overshoot per
+    worker, at the build's slope. The arena grows in steps, so a few rows less may save nothing: the
+    line alone can predict the same overshoot again."""
+    over = counted_peak(run) + run["workers"] * held - budget
+    return activations.fewer(int(run["tokens_per_run"]), over / run["workers"])
+
+
 def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS) -> dict[str, Any]:
     service, root = configs.service, configs.artifacts_dir
     budget = service.budget_mb
@@ -230,14 +243,17 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int =
     runs: list[dict[str, Any]] = []
     for workers in range(1, max_workers + 1):
         # One worker runs at full tokens; more, at the most tokens the runs so far predict to fit. A run
-        # over the budget joins the line, and the count is measured once more at what that line predicts.
+        # over the budget joins the line, and the count is measured again at fewer tokens (at most
+        # FIT_TRIES runs per count).
         tried: set[int] = set()
         fitted = False
-        while not fitted and len(tried) < 2:
+        while not fitted and len(tried) < FIT_TRIES:
             base, per_worker = line(runs, activations) if runs else (0.0, 0.0)
             tokens = (
                 activations.full if not runs else tokens_for(workers, base, per_worker, held_mb, activations, budget)
             )
+            if tried and tokens is not None:
+                tokens = min(tokens, after_overshoot(runs[-1], held_mb, activations, budget) or 0) or None
             if tokens is None or tokens in tried:
                 break
             tried.add(tokens)
