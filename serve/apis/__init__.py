@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from werkzeug.routing import Rule
@@ -19,8 +19,8 @@ from serve.config import Limits
 from serve.errors import ServiceError
 
 if TYPE_CHECKING:
-    from serve.app import Service
     from serve.loader import ServedModel
+    from serve.watchdog import Watchdog
 
 FEATURE_EXTRACTION = "feature-extraction"
 TEXT_CLASSIFICATION = "text-classification"
@@ -57,6 +57,21 @@ class Outcome:
     tokens: int  # tokens the model read, special tokens included
 
 
+class ServiceView(Protocol):
+    """What an API reads of the service (serve/app.py's Service)."""
+
+    models: dict[str, ServedModel]
+    limits: Limits
+    threads: int
+    watchdog: Watchdog | None
+
+    def health(self) -> dict[str, Any]: ...
+
+    def ready(self) -> dict[str, Any]: ...
+
+    def list_models(self) -> dict[str, Any]: ...
+
+
 class Api:
     """An API's routes and shapes. Endpoints are named `<api>.<name>`; a POST endpoint runs inference,
     a GET endpoint answers from the service's state."""
@@ -66,7 +81,7 @@ class Api:
     def rules(self) -> list[Rule]:
         raise NotImplementedError
 
-    def get(self, endpoint: str, service: Service, args: Mapping[str, Any]) -> Any:
+    def get(self, endpoint: str, service: ServiceView, args: Mapping[str, Any]) -> Any:
         """A GET endpoint's answer: JSON-serializable, or Raw."""
         raise NotImplementedError
 

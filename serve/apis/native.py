@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from werkzeug.routing import Rule
 
 from serve import metrics
-from serve.apis import FEATURE_EXTRACTION, TEXT_CLASSIFICATION, Api, Call, Outcome, Raw
+from serve.apis import FEATURE_EXTRACTION, TEXT_CLASSIFICATION, Api, Call, Outcome, Raw, ServiceView
 from serve.config import Limits
 from serve.errors import ServiceError
 from serve.inputs import parse_inputs
 from serve.openapi import openapi_document
-
-if TYPE_CHECKING:
-    from serve.app import Service
 
 TASKS = {"api.embed": FEATURE_EXTRACTION, "api.classify": TEXT_CLASSIFICATION}
 # Where each task's requests go: the memory proof and the service fit send their bodies here (every API
@@ -40,7 +37,7 @@ class NativeApi(Api):
     def owns(self, path: str) -> bool:
         return True  # every path no other API owns
 
-    def get(self, endpoint: str, service: Service, args: Mapping[str, Any]) -> Any:
+    def get(self, endpoint: str, service: ServiceView, args: Mapping[str, Any]) -> Any:
         if endpoint == "api.health":
             return service.health()
         if endpoint == "api.ready":

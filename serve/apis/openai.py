@@ -12,13 +12,12 @@ import numpy as np
 from werkzeug.routing import Rule
 
 from serve import errors
-from serve.apis import FEATURE_EXTRACTION, Api, Call, Outcome
+from serve.apis import FEATURE_EXTRACTION, Api, Call, Outcome, ServiceView
 from serve.config import Limits
 from serve.errors import ServiceError
 from serve.inputs import fields_of, optional, shown, text_list
 
 if TYPE_CHECKING:
-    from serve.app import Service
     from serve.loader import ServedModel
 
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
@@ -51,7 +50,7 @@ class OpenAIApi(Api):
     def owns(self, path: str) -> bool:
         return path == "/v1" or path.startswith("/v1/")
 
-    def get(self, endpoint: str, service: Service, args: Mapping[str, Any]) -> Any:
+    def get(self, endpoint: str, service: ServiceView, args: Mapping[str, Any]) -> Any:
         if endpoint == "openai.model":
             name = args["model"]
             if name not in service.models:

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from werkzeug.routing import Rule
 
 from serve import errors
-from serve.apis import FEATURE_EXTRACTION, TEXT_CLASSIFICATION, Api, Call, Outcome, Raw
+from serve.apis import FEATURE_EXTRACTION, TEXT_CLASSIFICATION, Api, Call, Outcome, Raw, ServiceView
 from serve.config import Limits
 from serve.errors import ServiceError
 from serve.inputs import fields_of, optional, shown, text_list
-
-if TYPE_CHECKING:
-    from serve.app import Service
 
 PATHS = ("/embed", "/predict", "/info", "/health")
 EMBED_FIELDS = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name")
@@ -70,7 +67,7 @@ class TeiApi(Api):
     def owns(self, path: str) -> bool:
         return path in PATHS
 
-    def get(self, endpoint: str, service: Service, args: Mapping[str, Any]) -> Any:
+    def get(self, endpoint: str, service: ServiceView, args: Mapping[str, Any]) -> Any:
         if endpoint == "tei.health":
             service.ready()  # 503 while a model is not served
             return Raw(b"", "text/plain")
