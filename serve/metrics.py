@@ -66,13 +66,14 @@ _pss_read_at = [0.0]
 
 
 def record_memory(watchdog: Watchdog | None, fresh: bool = False) -> None:
-    """This worker's memory now (PSS at most every PSS_EVERY_S unless `fresh`), and the watchdog's figures."""
+    """This worker's memory now (PSS at most every PSS_EVERY_S), after a request; `fresh`, for a scrape:
+    PSS now, and the watchdog's figures (which change only when a worker is recycled)."""
     WORKER_RSS.set(status_mb())
     now = time.monotonic()
     if fresh or now - _pss_read_at[0] >= PSS_EVERY_S:
         _pss_read_at[0] = now
         WORKER_PSS.set(rollup_mb()["pss"])
-    if watchdog is not None:
+    if fresh and watchdog is not None:
         PROVEN_PEAK.set(watchdog.proven_peak_mb)
         RECYCLES.set(watchdog.status()["recycles"])
 
