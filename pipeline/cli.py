@@ -1,4 +1,4 @@
-"""The `memfit` command: optimize, verify, plan. Exit 0 on success, 1 when a gate or check fails,
+"""The `memfit` command: init, optimize, verify, plan. Exit 0 on success, 1 when a gate or check fails,
 2 for bad config or input, 3 when another run holds the lock; always with a one-line reason."""
 
 from __future__ import annotations
@@ -13,6 +13,25 @@ from serve.artifacts import ArtifactError
 from serve.config import ConfigError
 
 DEFAULT_SERVICE = "configs/service.yaml"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.init import init_model
+
+    if (args.text_column or args.label_column) and not args.data:
+        raise ConfigError("--text-column and --label-column describe --data FILE: pass --data too")
+    initialized = init_model(
+        args.source,
+        args.name,
+        service_path=Path(args.service) if args.service else None,
+        data=Path(args.data) if args.data else None,
+        text_column=args.text_column or "text",
+        label_column=args.label_column,
+        command=" ".join(["memfit", *sys.argv[1:]]),
+    )
+    for line in initialized.summary():
+        print(f"memfit init: {line}")
+    return 0
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -115,6 +134,18 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="memfit", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write a model config (and a service config) from a model folder or package")
+    init.add_argument("source", help="a Hugging Face model folder, or an installed package that ships one")
+    init.add_argument("--name", required=True, help="the model's name in the service (a-z, 0-9, _ and -)")
+    init.add_argument(
+        "--service", help="add the model to this service config (default: create configs/service-NAME.yaml)"
+    )
+    init.add_argument(
+        "--data", help="a CSV/JSONL file of your texts (default: texts memfit ships, fidelity-only gates)"
+    )
+    init.add_argument("--text-column", help="the column of --data holding the texts (default: text)")
+    init.add_argument("--label-column", help="the column of --data holding labels: gates the task metric too")
+    init.set_defaults(func=cmd_init)
     optimize = sub.add_parser("optimize", help="export, shrink, evaluate, measure and approve every model")
     optimize.add_argument("--service", default=DEFAULT_SERVICE)
     optimize.add_argument("--model", action="append", help="only this model (repeatable)")

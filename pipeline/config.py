@@ -35,8 +35,8 @@ class FinetuneConfig(StrictModel):
 class SourceConfig(StrictModel):
     """Where the model folder is: a local `path` (relative to the config file); an installed `package`
     that ships one, located by calling its `function` or by its `subdir`; `split_zip`, installed
-    distributions (in order) whose files are the parts of one zip of the folder; or `finetune`, a
-    classifier trained from another source."""
+    distributions (in order) whose files are the parts of one zip of the folder (one distribution may
+    ship the whole zip); or `finetune`, a classifier trained from another source."""
 
     path: str | None = None
     package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -62,7 +62,7 @@ FinetuneConfig.model_rebuild()
 
 
 class DataFile(StrictModel):
-    """A labelled CSV/JSONL file (optionally .bz2/.gz): a path, or a file inside an installed package."""
+    """A CSV/JSONL file (optionally .bz2/.gz): a path, or a file inside an installed package."""
 
     path: str | None = None
     package: str | None = None
@@ -75,18 +75,33 @@ class DataFile(StrictModel):
         return self
 
 
+# Unlabelled texts memfit ships (pipeline/texts/README.md): the evaluation data of a model without its own.
+SHIPPED_TEXTS = DataFile(package="pipeline", file="texts/general-en.jsonl")
+
+
 class EvalConfig(StrictModel):
-    """Real labelled data: a seeded train split fits the probe head, the rest (or test_size) scores."""
+    """Real data, split with a seed: the train split fits the probe head and calibrates searches, the rest
+    (or test_size) scores. With `labels`, the task metric is gated too; without, fidelity to fp32 alone."""
 
     data: DataFile
     text_column: str = "text"
-    label_column: str = "label"
-    labels: list[str] = Field(min_length=2)
+    label_column: str | None = None
+    labels: list[str] | None = Field(None, min_length=2)
     train_size: int = Field(6000, gt=0)
     test_size: int | None = Field(None, gt=0)
     seed: int = 0
     latency_samples: int = Field(50, gt=0)
     calibration_size: int = Field(2000, gt=0)  # train-split texts a calibrated search compares on
+
+    @model_validator(mode="after")
+    def _labels_with_their_column(self) -> EvalConfig:
+        if (self.labels is None) != (self.label_column is None):
+            raise ValueError("set 'label_column' and 'labels' together (labelled data), or neither (fidelity only)")
+        return self
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
 
 
 class Gates(StrictModel):
@@ -141,6 +156,12 @@ class ModelConfig(StrictModel):
     measure_repeats: int = Field(5, gt=0, le=100)
     objective: Literal["lowest_peak_rss", "lowest_latency"] = "lowest_peak_rss"
 
+    @model_validator(mode="after")
+    def _finetune_needs_labels(self) -> ModelConfig:
+        if self.source.finetune is not None and not self.eval.labelled:
+            raise ValueError("'source.finetune' trains on labels: set 'eval.label_column' and 'eval.labels'")
+        return self
+
     @field_validator("candidates")
     @classmethod
     def _known_candidates(cls, names: list[str]) -> list[str]:
@@ -156,7 +177,8 @@ class LoadedConfigs:
     """The service config and each model config it names, with the file each came from."""
 
     def __init__(self, service_path: str | Path):
-        self.service, self.service_path = load_service_config(service_path)
+        # Absolute: the probes and the measured service run from the project root, not from the caller's cwd.
+        self.service, self.service_path = load_service_config(Path(service_path).absolute())
         self.models: list[tuple[ModelConfig, Path]] = []
         for entry in self.service.models:
             model_path = resolve(self.service_path, entry)

@@ -29,7 +29,7 @@ def cache_key(base: Path, config: FinetuneConfig, train: Split, labels: list[str
     for weights in sorted(base.glob("*.safetensors")):
         digest.update(sha256_file(weights).encode())
     digest.update(config.model_dump_json(exclude={"base"}).encode())
-    digest.update(json.dumps([train.texts, train.labels.tolist(), labels]).encode())
+    digest.update(json.dumps([train.texts, train.label_ids.tolist(), labels]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -72,7 +72,7 @@ def train_classifier(base: Path, config: FinetuneConfig, train: Split, labels: l
                 "input_ids": torch.tensor([e.ids for e in encodings]),
                 "attention_mask": torch.tensor([e.attention_mask for e in encodings]),
             }
-            loss = model(**inputs, labels=torch.from_numpy(train.labels[indices])).loss
+            loss = model(**inputs, labels=torch.from_numpy(train.label_ids[indices])).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -25,11 +25,11 @@ def fidelity_failures(fidelity: Fidelity, gates: Gates) -> list[str]:
 
 
 def evaluation_failures(evaluation: Evaluation, gates: Gates) -> list[str]:
-    """Accuracy and fidelity gates missed on the test split."""
+    """Task-metric (labelled data only) and fidelity gates missed on the test split."""
     failures = []
-    drop = -evaluation.accuracy["delta"]
-    if drop > gates.max_metric_drop_pt:
-        failures.append(f"{evaluation.accuracy['metric']} drop {drop:.2f} pt > {gates.max_metric_drop_pt} pt")
+    metric = evaluation.accuracy
+    if metric is not None and -metric["delta"] > gates.max_metric_drop_pt:
+        failures.append(f"{metric['metric']} drop {-metric['delta']:.2f} pt > {gates.max_metric_drop_pt} pt")
     return failures + fidelity_failures(evaluation.fidelity, gates)
 
 
@@ -68,11 +68,12 @@ def select(
 
 
 def fidelity_score(evaluation: Evaluation) -> float:
-    """The one fidelity figure every task has: mean cosine to fp32, else top-1 agreement, else accuracy."""
+    """The one fidelity figure every task has: mean cosine to fp32 (embeddings), else top-1 agreement."""
     fidelity = evaluation.fidelity
-    if fidelity.cosine_mean is not None:
-        return fidelity.cosine_mean
-    return fidelity.agreement if fidelity.agreement is not None else float(evaluation.accuracy["value"])
+    score = fidelity.cosine_mean if fidelity.cosine_mean is not None else fidelity.agreement
+    if score is None:
+        raise ValueError("an evaluation without fidelity figures")
+    return score
 
 
 def rank(

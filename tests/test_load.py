@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.load import ModelFolderError, check_folder
+from pipeline.model_folder import ModelFolderError, check_folder
 from tests.helpers import TOKENIZER_FILES, memfit, minilm_folder
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.model_folder import check_folder, sentence_transformer_head
 from pipeline.split_zip import split_zip_folder
-from pipeline.stages.load import check_folder, sentence_transformer_head
 from serve.artifacts import ArtifactError
 from serve.config import ConfigError
 

@@ -1,9 +1,9 @@
-"""Score every candidate on real labelled data, and its fidelity to fp32.
+"""Score every candidate on real data: its fidelity to fp32 and, when the data is labelled, its task metric.
 
-Embeddings: a logistic-regression probe trained once on fp32 train-split vectors scores every
-candidate's test vectors (the deployed situation: the head was fit on fp32), beside cosine and top-10
-neighbour overlap against fp32, because a probe can hide damage that search users feel.
-Classification: accuracy against the labels and top-1 agreement with fp32.
+Embeddings: cosine and top-10 neighbour overlap against fp32; with labels, also a logistic-regression probe
+trained once on fp32 train-split vectors scoring every candidate's test vectors (the deployed situation:
+the head was fit on fp32). A probe can hide damage that search users feel, so fidelity is always gated.
+Classification: top-1 agreement with fp32; with labels, also accuracy.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def latency(runtime: ModelRuntime, texts: list[str]) -> dict[str, float]:
 
 
 class Reference:
-    """What fp32 produced on the test split (and, for embeddings, the probe head fit on its train-split
-    vectors): every candidate is scored against it."""
+    """What fp32 produced on the test split (and, for labelled embeddings, the probe head fit on its
+    train-split vectors): every candidate is scored against it."""
 
     def __init__(
         self,
@@ -62,13 +62,13 @@ class Reference:
         context: BuildContext,
         seed: int,
     ):
-        self.fidelity = FidelityReference(test, embedding=train is not None)
+        self.fidelity = FidelityReference(test, embedding=context.model.task == "feature-extraction")
         self.dataset, self.context = dataset, context
-        self.probe = None if train is None else fit_probe(train, dataset.train.labels, seed)
-        self.accuracy = self.accuracy_of(test, labels)
+        self.probe = None if train is None else fit_probe(train, dataset.train.label_ids, seed)
+        self.accuracy = self.accuracy_of(test, labels) if dataset.labelled else None
 
     def accuracy_of(self, outputs: np.ndarray, labels: tuple[str, ...]) -> float:
-        return float((self.predictions(outputs, labels) == self.dataset.test.labels).mean())
+        return float((self.predictions(outputs, labels) == self.dataset.test.label_ids).mean())
 
     def predictions(self, outputs: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
         if self.probe is not None:
@@ -106,7 +106,7 @@ class EvaluateStage:
         if arrays is None:
             runtime = self.runtime(context, fp32)
             arrays = {"test": infer(runtime, dataset.test.texts, f"{context.model.name}: fp32 test outputs")[0]}
-            if embedding:
+            if embedding and dataset.labelled:
                 label = f"{context.model.name}: fp32 train vectors for the probe"
                 arrays["train"] = infer(runtime, dataset.train.texts, label)[0]
             context.results.put_arrays("reference", key, arrays)
@@ -135,19 +135,19 @@ class EvaluateStage:
         runtime = self.runtime(context, candidate)
         label = f"{context.model.name}: evaluate {candidate.variant}"
         outputs, throughput = infer(runtime, dataset.test.texts, label)
-        accuracy = reference.accuracy_of(outputs, runtime.spec.labels)
-        fp32_accuracy = reference.accuracy
-        fidelity = reference.fidelity.compare(outputs)
-        embedding = context.model.task == "feature-extraction"
-        return Evaluation(
-            accuracy={
-                "metric": "probe_accuracy" if embedding else "accuracy",
-                "reference": round(fp32_accuracy, 6),
+        metric = None
+        if reference.accuracy is not None:  # labelled data
+            accuracy = reference.accuracy_of(outputs, runtime.spec.labels)
+            metric = {
+                "metric": "probe_accuracy" if context.model.task == "feature-extraction" else "accuracy",
+                "reference": round(reference.accuracy, 6),
                 "value": round(accuracy, 6),
-                "delta": round((accuracy - fp32_accuracy) * 100, 3),
+                "delta": round((accuracy - reference.accuracy) * 100, 3),
                 "n_test": len(dataset.test.texts),
-            },
-            **fidelity.evaluation_fields(),
+            }
+        return Evaluation(
+            accuracy=metric,
+            **reference.fidelity.compare(outputs).evaluation_fields(),
             latency_ms=latency(runtime, dataset.test.texts[: self.config.latency_samples]),
             throughput=round(throughput, 1),
         )

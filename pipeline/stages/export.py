@@ -7,6 +7,7 @@ models, whose embeddings drift from SentenceTransformer.encode (cosine) is never
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pipeline.stages import StageError
 from pipeline.state import BuildContext, BuildState, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
 from serve.config import SessionSettings
-from serve.runtime import ModelRuntime, RuntimeSpec
+from serve.runtime import TOKENIZER_FILE, ModelRuntime, RuntimeSpec
 
 VALIDATION_FILE = "validation.json"
 REFERENCE_BATCH = 16
@@ -106,6 +107,8 @@ class ExportStage:
                 atol=self.config.atol,
                 do_validation=True,
             )
+        if not (out / TOKENIZER_FILE).is_file():  # the exporter saves only tokenizers transformers can load
+            shutil.copy2(source.folder / TOKENIZER_FILE, out / TOKENIZER_FILE)
         spec = RuntimeSpec(
             task=context.model.task, pooling=source.pooling, normalize=source.normalize, labels=source.labels
         )
