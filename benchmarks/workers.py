@@ -1,6 +1,7 @@
 """Throughput by worker count: the service as shipped (serve/gunicorn.conf.py) with W = 1..N workers, 8
 clients each sending one-text requests on a kept-alive connection for a fixed time; requests/s and p50,
-beside the planner's predicted peak and the service fit's measured figures for that W.
+and the idle PSS sum before them, beside the planner's predicted peak and the service fit's measured
+figures for that W.
 
 Usage: python -m benchmarks.workers [--service configs/service.yaml] [--seconds 20] [--out FILE.json]
 """
@@ -20,10 +21,12 @@ from typing import Any
 from pipeline.memory.harness import GunicornService
 from pipeline.provenance import machine, versions
 from serve.config import load_service_config, resolve
+from serve.memory import rollup_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb, worker_figures
 
 CLIENTS = 8
 TEXT = "A quiet, funny film about memory, love and the city at night."
+IDLE_SETTLE_S = 3.0  # every worker has loaded its sessions by then (about 1 s here)
 
 
 def client(port: int, until: float, latencies: list[float]) -> None:
@@ -41,8 +44,12 @@ def client(port: int, until: float, latencies: list[float]) -> None:
 
 
 def throughput(service_path: Path, workers: int, seconds: float) -> dict[str, Any]:
+    """Requests/s and p50 under the clients, after the idle PSS sum of master and workers (what each
+    further worker adds before any request)."""
     with GunicornService(service_path, env={"WORKERS": str(workers)}) as service:
         service.wait_for_workers(workers)
+        time.sleep(IDLE_SETTLE_S)
+        idle = sum(rollup_mb(pid)["pss"] for pid in [service.master_pid, *service.worker_pids()])
         latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
         until = time.monotonic() + seconds
         threads = [threading.Thread(target=client, args=(service.port, until, out)) for out in latencies]
@@ -53,7 +60,11 @@ def throughput(service_path: Path, workers: int, seconds: float) -> dict[str, An
             thread.join()
         elapsed = time.monotonic() - started
     every = [ms for values in latencies for ms in values]
-    return {"requests_per_s": round(len(every) / elapsed, 1), "p50_ms": round(statistics.median(every), 1)}
+    return {
+        "idle_pss_sum_mb": round(idle, 1),
+        "requests_per_s": round(len(every) / elapsed, 1),
+        "p50_ms": round(statistics.median(every), 1),
+    }
 
 
 def main() -> None:

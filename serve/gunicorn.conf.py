@@ -84,6 +84,23 @@ def post_request(worker, req, environ, resp):
         worker.alive = False
 
 
+def worker_exit(server, worker):
+    """End the worker with its own exit code, without the interpreter's teardown: the onnxruntime the
+    master imported left a thread pool whose destructor aborts in a forked child (SIGABRT on every
+    shutdown and recycle). Nothing is left to clean up: logs are flushed, sessions are the kernel's."""
+    import logging
+
+    ending = sys.exc_info()[1]  # gunicorn calls this while the worker's SystemExit propagates
+    code = ending.code if isinstance(ending, SystemExit) else (1 if ending else 0)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit((code or 0) & 0xFF)
+
+
 def child_exit(server, worker):
     from serve.metrics import forget_process
 

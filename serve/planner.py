@@ -24,9 +24,10 @@ from serve.artifacts import ArtifactError, approval_pointer, load_approved, read
 from serve.config import ConfigError, ServiceConfig, load_service_config, model_names, resolve
 from serve.memory import status_mb
 
-# What the gunicorn master imports for its workers to share: all a worker imports but onnxruntime, whose
-# import starts a thread that a forked worker cannot join when it exits (it aborts).
-PRELOADED = ("tokenizers", "serve.apis.native", "serve.apis.openai", "serve.apis.tei")
+# What the gunicorn master imports for its workers to share: all a worker imports. onnxruntime's import
+# leaves a thread pool that a forked worker cannot join at interpreter exit: workers end without the
+# interpreter's teardown (serve/gunicorn.conf.py, worker_exit).
+PRELOADED = ("onnxruntime", "tokenizers", "serve.apis.native", "serve.apis.openai", "serve.apis.tei")
 MASTER_IMPORTS = f"import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner, {', '.join(PRELOADED)}"
 SERVICE_FIT_FILE = "service-fit.json"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from pipeline.memory.harness import GunicornService, Response
 from serve.artifacts import load_approved
 from tests.conftest import TinyRun
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.reliability
 SLOW_APP = "tests.reliability.slow_app:create_app()"
@@ -105,6 +107,19 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_run: TinyRu
     assert replies and replies[0].status == 200, "the in-flight request must complete"
     assert code == 0
     assert time.monotonic() - started < 10
+    log = service.log()
+    assert "Worker exiting" in log and "was sent" not in log and "terminate called" not in log, log[-2000:]
+
+
+def test_a_worker_keeps_its_exit_code_so_a_broken_app_stops_the_master(tiny_run: TinyRun) -> None:
+    """Workers end without the interpreter's teardown (serve/gunicorn.conf.py, worker_exit), yet with their
+    own exit code: gunicorn's app-load failure (4) stops the master instead of a respawn loop."""
+    service = GunicornService(tiny_run.service, app="serve.app:no_such_factory()", wait_ready=False)
+    process = subprocess.run(
+        service.command(), cwd=REPO, env=service.env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert process.returncode == 4, process.stderr[-2000:]
+    assert "exited with code 4" in process.stderr and "App failed to load" in process.stderr
 
 
 def test_max_requests_recycles_without_failures_and_reverifies(tiny_copy: TinyRun) -> None:
