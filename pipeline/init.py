@@ -29,7 +29,7 @@ from pipeline.split_zip import PART, split_zip_folder
 from serve.config import ConfigError, ServiceConfig, format_validation_error, load_service_config, resolve
 
 MAX_CLASSES = 100  # a label column with more distinct values is not a set of classes
-TRAIN_SIZE = 6000  # labelled rows fitting the probe at most (the rest scores)
+TRAIN_SIZE: int = EvalConfig.model_fields["train_size"].default  # rows fitting the probe at most
 SHIPPED_TRAIN_SIZE = 800  # shipped texts that calibrate searches; the other 1,600 score
 MODELS_LIST = re.compile(r"^models:[ \t]*(#.*)?$")
 
@@ -179,11 +179,12 @@ def model_yaml(name: str, facts: FolderFacts, located: Located, evaluation: dict
 
 
 def service_yaml(name: str, facts: FolderFacts) -> str:
+    defaults = ServiceConfig(models=[f"models/{name}.yaml"])
     config = {
-        "budget_mb": 512,
-        "headroom_mb": 48,
-        "models": [f"models/{name}.yaml"],
-        "limits": {"max_batch": 32, "max_seq_len": facts.trained_seq_len},
+        "budget_mb": defaults.budget_mb,
+        "headroom_mb": defaults.headroom_mb,
+        "models": defaults.models,
+        "limits": {"max_batch": defaults.limits.max_batch, "max_seq_len": facts.trained_seq_len},
         "artifacts_dir": f"../artifacts-{name}",
     }
     header = (
