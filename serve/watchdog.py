@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,28 @@ RUN_DIR_ENV = "MEMFIT_RUN_DIR"
 RECYCLES_FILE = "recycles.jsonl"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Watchdog:
     proven_peak_mb: float
     margin_pct: float
+    _claim: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _recycling: bool = field(default=False, repr=False, compare=False)
 
     @property
     def limit_mb(self) -> float:
         return self.proven_peak_mb * (1 + self.margin_pct / 100)
 
     def over_limit(self) -> float | None:
-        """This process's RSS in MB when it is over the limit (the recycle is then recorded), else None."""
-        rss = status_mb()
-        if rss <= self.limit_mb:
-            return None
+        """This process's RSS in MB when it is over the limit (the recycle is then recorded), else None.
+        Only the first request to find it over says so: requests finishing on other threads meanwhile see
+        the same RSS, and one worker is recycled once."""
+        with self._claim:
+            if self._recycling:
+                return None
+            rss = status_mb()
+            if rss <= self.limit_mb:
+                return None
+            self._recycling = True
         log.warning(
             "worker %d: RSS %.1f MB is over its proven peak %.1f MB + %g%% (%.1f MB); recycling after this request",
             os.getpid(),

@@ -9,7 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ from serve.artifacts import load_approved
 from serve.config import SessionSettings
 from serve.loader import session_settings
 from serve.runtime import ModelRuntime
+from serve.watchdog import RUN_DIR_ENV, Watchdog
 from tests.conftest import TinyRun
 from tests.helpers import REPO, memfit
 
@@ -320,6 +324,24 @@ def test_a_bad_watchdog_margin_is_a_one_line_error(tiny_run: TinyRun) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "memfit serve: WATCHDOG_MARGIN_PCT must be a number of 0 or more (got '-1')"
+
+
+def test_concurrent_requests_over_the_limit_recycle_the_worker_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests finishing together on several threads all see the same RSS: one recycle is recorded."""
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    watchdog = Watchdog(proven_peak_mb=1.0, margin_pct=0)  # any running interpreter is over 1 MB
+    start = threading.Barrier(8)
+
+    def finish_request() -> float | None:
+        start.wait()
+        return watchdog.over_limit()
+
+    with ThreadPoolExecutor(8) as threads:
+        seen = list(threads.map(lambda _: finish_request(), range(8)))
+    assert sum(rss is not None for rss in seen) == 1
+    assert watchdog.status()["recycles"] == 1 and watchdog.status()["last_recycle"]["pid"] == os.getpid()
 
 
 def metric_samples(service: GunicornService) -> dict[str, list[Any]]:
