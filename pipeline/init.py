@@ -76,12 +76,13 @@ def locate(source: str, model_config: Path, cache_root: Path) -> Located:
     if folder_in_package is not None and len(folder_in_package.parts) > 1:
         package, subdir = folder_in_package.parts[0], str(PurePosixPath(*folder_in_package.parts[1:]))
         folder = package_root(package, model_config, "source.package") / subdir
-        return Located(folder, {"package": package, "subdir": subdir}, f"{label}, folder {folder_in_package}")
+        source_config = {"package": package, "subdir": subdir, "requires": [label]}
+        return Located(folder, source_config, f"{label}, folder {folder_in_package}")
     zips = [f for f in files if PART.search(f.name)]
     if len(zips) == 1 and zips[0].name.endswith(".zip"):
         name = str(dist.metadata["Name"])
         folder, _ = split_zip_folder([name], cache_root, model_config)
-        return Located(folder, {"split_zip": [name]}, f"{label}, {zips[0].name}")
+        return Located(folder, {"split_zip": [name], "requires": [label]}, f"{label}, {zips[0].name}")
     if zips:
         raise InitError(
             f"{source}: ships {', '.join(z.name for z in zips)}: parts of a split zip; list every part's "

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -18,12 +19,20 @@ def bar(items: Iterable[T], description: str, total: int | None = None) -> Itera
     yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, mininterval=1.0, disable=None)
 
 
+@dataclass
+class Elapsed:
+    seconds: float = 0.0
+
+
 @contextlib.contextmanager
-def step(description: str) -> Iterator[None]:
+def step(description: str) -> Iterator[Elapsed]:
+    """A timed line before and after the block; the seconds it took are also kept, for the report."""
     print(f"memfit: {description} ...", file=sys.stderr, flush=True)
+    elapsed = Elapsed()
     started = time.perf_counter()
-    yield
-    print(f"memfit: {description}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    yield elapsed
+    elapsed.seconds = time.perf_counter() - started
+    print(f"memfit: {description}: done in {elapsed.seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

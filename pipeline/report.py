@@ -219,11 +219,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )
         lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model), *search_lines(model)]
+        lines += [time_line(model["stage_seconds"]), ""]
     fit = report.get("service_fit")
     if fit:
         lines += service_fit_lines(fit)
     lines += ["![accuracy vs peak RSS](report.png)", ""]
     return "\n".join(lines)
+
+
+def time_line(seconds: dict[str, float]) -> str:
+    """Where this run's time went, stage by stage (a stage whose results were cached takes little)."""
+    stages = ", ".join(f"{name} {duration:,.1f} s" for name, duration in seconds.items())
+    return f"Time: {sum(seconds.values()):,.1f} s ({stages})."
 
 
 def service_fit_lines(fit: dict[str, Any]) -> list[str]:
@@ -238,7 +245,8 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         f"{fit['held_bodies_mb']:.0f} MB of bodies waiting for the inference lock): **{verdict}**. "
         f"At full tokens per run, W workers cost {fit['base_mb']:.1f} + W × ({fit['per_worker_mb']:.1f} + "
         f"{fit['held_bodies_mb']:.0f}) MB; more workers were measured at fewer tokens per run, up to "
-        f"{fit['max_workers_measured']} within the budget (planned: the measured peak plus the waiting bodies).",
+        f"{fit['max_workers_measured']} within the budget (planned: the measured peak plus the waiting bodies)."
+        + (f" Measured in {fit['seconds']:,.1f} s." if "seconds" in fit else ""),
         "",
         "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | RSS sum MB | line MB (error) "
         "| planned MB | worker VmHWM MB |",
@@ -345,6 +353,7 @@ def write_report(
                 "labelled": run.context.model.eval.labelled,
                 "export_validation": run.state.exported.validation if run.state.exported else None,
                 "candidates": candidate_rows(run),
+                "stage_seconds": run.seconds,
             }
             for run in runs
         ],

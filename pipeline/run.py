@@ -23,6 +23,7 @@ from serve.config import ConfigError
 class ModelRun:
     context: BuildContext
     state: BuildState
+    seconds: dict[str, float]  # each stage's wall time in this run (a cached stage takes little)
 
 
 def sweep_leftovers(root: Path) -> None:
@@ -61,10 +62,12 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
             sweep_leftovers(context.work_dir)
             remove_leftovers(context.artifacts_dir)
             state = BuildState()
+            seconds = {}
             for stage in default_pipeline(context):
-                with step(f"{model.name}: stage {stage.name}"):
+                with step(f"{model.name}: stage {stage.name}") as took:
                     state = stage.run(context, state)
-            runs.append(ModelRun(context, state))
+                seconds[stage.name] = round(took.seconds, 1)
+            runs.append(ModelRun(context, state, seconds))
         return settle_service(configs, runs)
 
 
@@ -75,7 +78,9 @@ def settle_service(configs: LoadedConfigs, runs: list[ModelRun]) -> list[ModelRu
     fit = None
     if not refused:
         try:
-            fit = measure_service(configs)
+            with step("whole-service fit") as took:
+                fit = measure_service(configs)
+            fit["seconds"] = round(took.seconds, 1)
         except ArtifactError as exc:  # e.g. `--model` ran one model and another has no approval yet
             print(f"memfit: whole-service fit not measured: {exc}", file=sys.stderr)
     # All or nothing: the new approvals are published only together, and only when the service fits.

@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataFile, SourceConfig
 from pipeline.data import Dataset
 from pipeline.finetune import finetuned_folder
+from pipeline.progress import step
 from pipeline.split_zip import split_zip_folder
 from serve.config import ConfigError, resolve
 
@@ -30,10 +33,38 @@ def package_version(package: str) -> str | None:
     return None
 
 
+def install_missing(requirements: list[str], config_path: Path) -> None:
+    """Install the pinned distributions a source is read from that this environment lacks, with pip and
+    without their dependencies (a model package's own metadata may ask for another torch)."""
+    missing = []
+    for requirement in requirements:
+        name, version = requirement.split("==")
+        try:
+            if importlib.metadata.version(name) == version:
+                continue
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        missing.append(requirement)
+    if not missing:
+        return
+    with step(f"installing {', '.join(missing)} (first use of this source)"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"pip exited {done.returncode}"])[-1]
+        raise ConfigError(f"{config_path}: field 'source.requires': cannot install {', '.join(missing)}: {reason}")
+    importlib.invalidate_caches()
+
+
 def model_folder(
     source: SourceConfig, config_path: Path, cache_root: Path, dataset: Dataset | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """The model folder and a description of where it came from, for the manifest."""
+    install_missing(source.requires, config_path)
     described: dict[str, Any]
     if source.finetune is not None:
         if dataset is None:

@@ -31,7 +31,7 @@ def _part(distribution: str, config_path: Path) -> tuple[Path, str, str]:
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(
             f"{config_path}: field 'source.split_zip': distribution {distribution!r} is not installed "
-            "(run `make setup`)"
+            "(pin it under 'source.requires' to install it on first use)"
         ) from None
     parts = [f for f in dist.files or [] if PART.search(f.name)]
     if len(parts) != 1 or parts[0].hash is None or parts[0].hash.mode != "sha256":

