@@ -88,8 +88,8 @@ def test_report_lists_every_candidate_with_a_verdict(tiny_run: TinyRun) -> None:
             "wo8-matmul-b32-int8-compute",
         ]
         assert sum(row["verdict"] == "approved" for row in model["candidates"]) == 1
-        stages = ["data", "load", "export", "candidates", "evaluate", "measure", "approve"]
-        assert list(model["stage_seconds"]) == stages and all(s >= 0 for s in model["stage_seconds"].values())
+        stages = {"data", "load", "export", "candidates", "evaluate", "measure", "approve"}
+        assert set(model["stage_seconds"]) == stages and all(s >= 0 for s in model["stage_seconds"].values())
     assert report["service_fit"]["seconds"] > 0
     markdown = (tiny_run.artifacts / "report.md").read_text()
     assert "| variant | file MB | worst-case peak MB | session | tokens/run |" in markdown
