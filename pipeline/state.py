@@ -6,7 +6,7 @@ passed through globals.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +124,6 @@ class Measurement:
         if self.predicted_peak_mb is None:
             return None
         return (self.predicted_peak_mb - self.model_run_peak_mb) / self.model_run_peak_mb
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["curve"] = None if self.curve is None else asdict(self.curve)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Measurement:
-        curve = data["curve"]
-        if curve is not None:
-            curve = MemoryCurve(tuple((t, p) for t, p in curve["points"]), curve["base_mb"], curve["per_token_mb"])
-        return cls(**{**data, "curve": curve})
 
 
 @dataclass(frozen=True)

@@ -167,16 +167,22 @@ def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_ru
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in results.iterdir()} == before  # every evaluation and measurement was a cache hit
 
-    config_path = root / "configs" / "models" / "tiny-embed.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config["session_variants"] = ["configured", "arena-off"]
-    config_path.write_text(yaml.safe_dump(config))
-    done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    added = {p.name for p in results.iterdir()} - before
-    assert added and all(name.startswith("measurement-") for name in added)
+    def optimize_with(**changes: Any) -> set[str]:
+        """Rerun with the model config changed: the names of the result files it added."""
+        config_path = root / "configs" / "models" / "tiny-embed.yaml"
+        config_path.write_text(yaml.safe_dump(yaml.safe_load(config_path.read_text()) | changes))
+        present = {p.name for p in results.iterdir()}
+        done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {p.name for p in results.iterdir()} - present
+
+    # Fewer session variants: every probe the new list needs was made before.
+    assert optimize_with(session_variants=["configured", "arena-off"]) == set()
     report = json.loads((root / "artifacts" / "report.json").read_text())
     assert all(set(r["session_trials_mb"]) == {"configured", "arena-off"} for r in report["models"][0]["candidates"])
+    # Another repeat count changes what each probe runs: every probe is made again, nothing else.
+    added = optimize_with(measure_repeats=3)
+    assert added and all(name.startswith("probe-") for name in added)
 
 
 def fake_probes(peaks: dict[tuple[str, int], float], slowdown: dict[str, tuple[float, float]] | None = None) -> Any:

@@ -1,5 +1,5 @@
 """Memory sampler in its own process, so request threads and the load generator cannot starve it:
-`python -m pipeline.memory.sampler MASTER_PID` samples master + workers every 10 ms until its stdin closes,
+`python -m pipeline.memory.sampler MASTER_PID` samples master + workers every 50 ms until its stdin closes,
 then prints one JSON line: peak figures (RSS and PSS sums), number of samples and the longest gap."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     # Ahead of the worker, the clients and the orchestrator on a busy machine, where allowed (root).
     with contextlib.suppress(PermissionError):
         os.nice(-10)
-    with MemorySampler(int(sys.argv[1]), interval=0.01) as sampler:
+    with MemorySampler(int(sys.argv[1])) as sampler:
         sys.stdin.read()  # returns when the parent closes the pipe
     print(json.dumps({"peak": sampler.peak(), "samples": len(sampler.samples), "max_gap_ms": sampler.max_gap_ms()}))
 

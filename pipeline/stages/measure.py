@@ -10,7 +10,7 @@ memory curve. If the worst case does not fit the share, the curve gives `max_tok
 verified by a real measurement (and stepped down until the measurement fits); the service then runs
 every request in micro-batches of at most that many tokens, so the proven peak holds for any accepted
 request. A candidate that misses a fidelity gate cannot be approved: it is measured once, at the worst
-case, for the report. Results are cached per candidate.
+case, for the report. Probe results are cached, each keyed by what its process is given.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
 TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
-MEASUREMENT_VERSION = 9  # bump when probing changes: cached measurements keyed on it are then redone
+MEASUREMENT_VERSION = 10  # bump when probing changes: cached probes keyed on it are then redone
 
 
 def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
@@ -75,12 +75,29 @@ class MeasureStage:
     def probe(
         self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int, proof: bool = False
     ) -> dict[str, Any]:
-        """One probe at `rows` full-length rows per run; `proof` adds the request path's hostile bodies."""
+        """One probe at `rows` full-length rows per run; `proof` adds the request path's hostile bodies.
+        Cached per probe, keyed by everything the probe process is given (the model by its bytes), so a
+        changed budget or variant list re-runs only the probes that differ."""
+        key = cache_key(
+            version=MEASUREMENT_VERSION,
+            model=sha256_file(candidate.folder / MODEL_FILE),
+            options=options,
+            rows=rows,
+            proof=proof,
+            repeats=self.repeats,
+            limits=context.service.limits.model_dump(),
+            threads=context.service.threads,
+        )
+        found = context.results.get("probe", key)
+        if found is not None:
+            return found
         try:
             model = {"folder": str(candidate.folder), "session_options": options, "batch": rows}
-            return run_probe([model], context.service, repeats=self.repeats, request_path=proof)
+            result = run_probe([model], context.service, repeats=self.repeats, request_path=proof)
         except ProbeError as exc:
             raise StageError(f"{context.model.name}: {candidate.variant}: {exc}") from None
+        context.results.put("probe", key, result)
+        return result
 
     def options(self, variant: SessionVariant) -> dict[str, Any]:
         return {**self.session.model_dump(), **SESSION_VARIANTS[variant]}
@@ -150,31 +167,12 @@ class MeasureStage:
             session_timings={v: timings(r) for v, r in trials.items()},
         )
 
-    def cached(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
-        key = cache_key(
-            version=MEASUREMENT_VERSION,
-            model=sha256_file(candidate.folder / MODEL_FILE),
-            full=full,
-            session=self.session.model_dump(),
-            variants=self.variants,
-            repeats=self.repeats,
-            limits=context.service.limits.model_dump(),
-            threads=context.service.threads,
-            share_mb=context.share_mb,
-        )
-        found = context.results.get("measurement", key)
-        if found is not None:
-            return Measurement.from_json(found)
-        measurement = self.measure(context, candidate, full)
-        context.results.put("measurement", key, measurement.to_json())
-        return measurement
-
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         candidates: tuple[Candidate, ...] = state.require("candidates")
         evaluations: dict[str, Evaluation] = state.require("evaluations")
         label = f"{context.model.name}: measure peak RSS"
         measurements = {
-            c.variant: self.cached(context, c, full=not evaluation_failures(evaluations[c.variant], self.gates))
+            c.variant: self.measure(context, c, full=not evaluation_failures(evaluations[c.variant], self.gates))
             for c in bar(candidates, label)
         }
         return replace(state, measurements=measurements)

@@ -20,8 +20,9 @@ MAX_SLOPE_MB_PER_1K = 0.5  # 10,000 requests may add at most 5 MB
 def test_soak_one_worker(minilm_run: MinilmRun) -> None:
     config, _ = load_service_config(SERVICE)
     count = int(os.environ.get("SOAK_REQUESTS", "10000"))
-    # Mostly small requests (as real traffic is), every 100th the worst case the service accepts.
-    mix = request_mix(count, 4, 64, seed=1, worst_every=100)
+    # Mostly small requests (as real traffic is: a query, a sentence), every 100th the worst case the
+    # service accepts.
+    mix = request_mix(count, 4, 64, seed=1, worst_every=100, max_words=24)
     worst = request_mix(1, config.limits.max_batch, config.limits.max_seq_len)[0]
     for index in range(0, count, 100):
         mix[index] = worst
