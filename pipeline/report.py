@@ -246,7 +246,8 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         f"At full tokens per run, W workers cost {fit['base_mb']:.1f} + W × ({fit['per_worker_mb']:.1f} + "
         f"{fit['held_bodies_mb']:.0f}) MB; more workers were measured at fewer tokens per run, up to "
         f"{fit['max_workers_measured']} within the budget (planned: the measured peak plus the waiting bodies)."
-        + (f" Measured in {fit['seconds']:,.1f} s." if "seconds" in fit else ""),
+        + (f" Measured in {fit['seconds']:,.1f} s" if "seconds" in fit else "")
+        + (" by an earlier run of the same approved files and settings, reused." if fit.get("reused") else "."),
         "",
         "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | RSS sum MB | line MB (error) "
         "| planned MB | worker VmHWM MB |",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import TMP_PREFIX, remove_leftovers, run_lock
+from pipeline.cache import ResultCache
 from pipeline.config import LoadedConfigs
 from pipeline.memory.service_fit import measure_service, write_service_fit
 from pipeline.progress import step
@@ -17,6 +18,8 @@ from pipeline.stages.approve import settle
 from pipeline.state import BuildContext, BuildState
 from serve.artifacts import PENDING_FILE, ArtifactError
 from serve.config import ConfigError
+
+SERVICE_WORK_DIR = "_service"  # beside the models' build folders; a model name cannot start with "_"
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,18 @@ def optimize(service_path: Path, only: list[str] | None = None, work_root: Path 
                     state = stage.run(context, state)
                 seconds[stage.name] = round(took.seconds, 1)
             runs.append(ModelRun(context, state, seconds))
-        return settle_service(configs, runs)
+        return settle_service(configs, runs, ResultCache(work_root / SERVICE_WORK_DIR / "results"))
 
 
-def settle_service(configs: LoadedConfigs, runs: list[ModelRun]) -> list[ModelRun]:
+def settle_service(configs: LoadedConfigs, runs: list[ModelRun], cache: ResultCache) -> list[ModelRun]:
     """Measure the whole service on the new approvals; publish them all when it fits, else none."""
     artifacts_root = configs.artifacts_dir
     refused = [run for run in runs if run.state.approved is None]
     fit = None
     if not refused:
         try:
-            with step("whole-service fit") as took:
-                fit = measure_service(configs)
-            fit["seconds"] = round(took.seconds, 1)
+            with step("whole-service fit"):
+                fit = measure_service(configs, cache)
         except ArtifactError as exc:  # e.g. `--model` ran one model and another has no approval yet
             print(f"memfit: whole-service fit not measured: {exc}", file=sys.stderr)
     # All or nothing: the new approvals are published only together, and only when the service fits.

@@ -228,7 +228,7 @@ def test_a_service_that_does_not_fit_publishes_none_of_its_new_approvals(
     before = {m: (artifacts / m / APPROVED_FILE).read_bytes() for m in ("tiny-embed", "tiny-clf")}
     fit_before = (artifacts / "service-fit.json").read_bytes()
     over = {**json.loads(fit_before), "fits": False, "total_mb": 600.0}
-    monkeypatch.setattr(pipeline.run, "measure_service", lambda configs: over)
+    monkeypatch.setattr(pipeline.run, "measure_service", lambda configs, cache: over)
     with pytest.raises(StageError, match=r"the service does not fit: .* 600 MB .*previous approvals left untouched"):
         pipeline.run.optimize(root / "configs" / "service.yaml")
     for model, pointer in before.items():

@@ -29,6 +29,7 @@ from pipeline.candidates.mixed_precision import (
 from pipeline.candidates.quantize import DynamicInt8Config
 from pipeline.config import SESSION_VARIANTS, Gates
 from pipeline.stages.measure import SESSION_SLOWDOWN, MeasureStage, quick_variants
+from serve.artifacts import APPROVED_FILE
 from serve.config import Limits, SessionSettings
 from serve.runtime import MODEL_FILE, ModelRuntime
 from tests.conftest import TinyRun
@@ -157,7 +158,7 @@ def test_report_shows_session_trials_and_the_search(tiny_run: TinyRun) -> None:
 
 def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_run: TinyRun, tmp_path: Path) -> None:
     root = tmp_path / "cached"
-    for name in ("configs", "models"):
+    for name in ("configs", "models", "artifacts"):
         shutil.copytree(tiny_run.root / name, root / name)
     shutil.copytree(tiny_run.root / "build", root / "build")
     service = str(root / "configs" / "service.yaml")
@@ -166,6 +167,14 @@ def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_ru
     done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in results.iterdir()} == before  # every evaluation and measurement was a cache hit
+    # The same files approved again: the whole-service fit is reused, for the new approvals.
+    fit = json.loads((root / "artifacts" / "service-fit.json").read_text())
+    pointers = {m: json.loads((root / "artifacts" / m / APPROVED_FILE).read_text()) for m in fit["approvals"]}
+    assert fit["reused"] and fit["approvals"] == {m: pointer["sha256"] for m, pointer in pointers.items()}
+    assert (
+        "by an earlier run of the same approved files and settings, reused."
+        in (root / "artifacts" / "report.md").read_text()
+    )
 
     def optimize_with(**changes: Any) -> set[str]:
         """Rerun with the model config changed: the names of the result files it added."""

@@ -13,6 +13,10 @@ body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rathe
 A least-squares line through the measured peaks (of the runs where no worker was killed) gives the
 planner its figures: W workers cost base + W × per worker. The one-process probe of all models together
 stays as the fast first estimate and as the watchdog's floor.
+
+The fit is cached under build/_service/, keyed by every approved file's sha256, each model's session
+options, limits and runtime spec, the service config, and the runtime's versions and CPU flags: a rerun
+that approves the same files reuses it (and says so) instead of running gunicorn again.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.cache import ResultCache, cache_key
 from pipeline.config import LoadedConfigs
 from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
 from pipeline.memory.harness import GunicornService
@@ -49,6 +54,7 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # so aiming at the overshoot alone took four runs of ~1 min where two do.
 OVERSHOOT_FACTOR = 2.0
 RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before the bodies complete
+FIT_VERSION = 1  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -236,10 +242,34 @@ def after_overshoot(run: dict[str, Any], held: float, activations: Activations, 
     return activations.fewer(int(run["tokens_per_run"]), OVERSHOOT_FACTOR * over / run["workers"])
 
 
-def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS) -> dict[str, Any]:
-    service, root = configs.service, configs.artifacts_dir
-    budget = service.budget_mb
+def fit_key(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> str:
+    """What decides a fit: the files every worker loads, how each model runs, and the service config."""
+    models = [{key: a.manifest[key] for key in ("files", "session_options", "limits", "runtime")} for a in artifacts]
+    return cache_key(version=FIT_VERSION, service=configs.service.model_dump(), models=models)
+
+
+def measure_service(configs: LoadedConfigs, cache: ResultCache) -> dict[str, Any]:
+    """The fit of the service's pending approvals: from `cache` when these exact files and settings were
+    measured before (marked `reused`), else measured and cached."""
+    root = configs.artifacts_dir
     artifacts = [load_approved(root / model.name, pending=True) for model, _ in configs.models]
+    approvals = {a.model: read_json(approval_pointer(root / a.model, pending=True))["sha256"] for a in artifacts}
+    key = fit_key(artifacts, configs)
+    found = cache.get("service-fit", key)
+    reused = found is not None
+    if found is None:
+        started = time.monotonic()
+        found = measure_fit(artifacts, configs)
+        found["seconds"] = round(time.monotonic() - started, 1)
+        cache.put("service-fit", key, found)
+    return {**found, "approvals": approvals, "reused": reused}
+
+
+def measure_fit(
+    artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS
+) -> dict[str, Any]:
+    service = configs.service
+    budget = service.budget_mb
     one_process = measure_one_process(artifacts, configs, repeats)
     bodies = load_bodies(artifacts, configs)
     activations = Activations.of(artifacts, service.limits.max_seq_len)
@@ -290,7 +320,6 @@ def measure_service(configs: LoadedConfigs, repeats: int = 3, max_workers: int =
         "fits": planned_fit(first, held_mb, budget),
         "one_process": one_process,
         "models": models,
-        "approvals": {a.model: read_json(approval_pointer(root / a.model, pending=True))["sha256"] for a in artifacts},
     }
 
 
