@@ -243,9 +243,11 @@ def after_overshoot(run: dict[str, Any], held: float, activations: Activations, 
 
 
 def fit_key(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> str:
-    """What decides a fit: the files every worker loads, how each model runs, and the service config."""
+    """What decides a fit: the files every worker loads, how each model runs, and the service config
+    (but where the artifacts live: a moved artifacts folder holds the same files)."""
     models = [{key: a.manifest[key] for key in ("files", "session_options", "limits", "runtime")} for a in artifacts]
-    return cache_key(version=FIT_VERSION, service=configs.service.model_dump(), models=models)
+    service = configs.service.model_dump(exclude={"artifacts_dir"})
+    return cache_key(version=FIT_VERSION, service=service, models=models)
 
 
 def measure_service(configs: LoadedConfigs, cache: ResultCache) -> dict[str, Any]:
