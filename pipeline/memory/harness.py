@@ -185,7 +185,7 @@ class GunicornService:
 
 # One smaps_rollup read of a loaded worker takes ~8 ms, so sampling every 10 ms kept a sampler busy on
 # most of a core, ahead of the workers it measures. Every 50 ms: the same PSS peaks (2 MiniLM workers:
-# 368.7–369.5 MB vs 369.0–370.7 MB) and a lockstep round 19% faster (32 s vs 39.5 s).
+# 368.7–369.5 MB vs 369.0–370.7 MB) and their fit run 19% faster (32 s vs 39.5 s).
 SAMPLE_INTERVAL_S = 0.05
 
 

@@ -50,8 +50,8 @@ from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
 FIT_MAX_WORKERS = 4  # a 2-core host gains nothing from more CPU-bound workers than this
 FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
 # After a count overshoots, the next try aims to save this many times the overshoot: between arena steps
-# a few rows less saved 15–90% of what the curve's slope predicts (MiniLM, 3 workers, 3712 → 3072 tokens),
-# so aiming at the overshoot alone took four runs of ~1 min where two do.
+# a few rows less saved 15–90% of what the curve's slope predicts, so aiming at the overshoot alone took
+# MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
 RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before the bodies complete
 FIT_VERSION = 1  # bump when the fit's measurement changes: cached fits keyed on it are then redone
