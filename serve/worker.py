@@ -14,6 +14,12 @@ things are added to gunicorn's gthread here:
 
 A slow client therefore holds one thread for at most READ_TIMEOUT (or WRITE_TIMEOUT) seconds; more
 simultaneous slow clients than THREADS - 1 need a buffering proxy in front (see README).
+
+A worker that is stopping (MAX_REQUESTS reached, or the memory watchdog) keeps polling until its last
+request ends. It accepts no new connection in that time: they wait in the listen queue, which the master
+keeps open, for the next worker. A connection it had already accepted, with no bytes yet, waits for its
+request in a thread (READ_TIMEOUT at most), because a stopping worker parks nothing in its poller:
+gunicorn closes such a connection unanswered.
 """
 
 from __future__ import annotations
@@ -103,13 +109,26 @@ class DeadlineSocket:
 class BoundedThreadWorker(ThreadWorker):
     """gunicorn's gthread worker with the time bounds above (`worker_class` in serve/gunicorn.conf.py)."""
 
+    def accept(self, listener: Any) -> None:
+        if self.alive:
+            super().accept(listener)
+
     def handle(self, conn: Any) -> Any:
-        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
-            return _DEFER  # nothing sent yet: wait in the poller, not in a thread
+        if not conn.initialized and not conn.data_ready:
+            if self.alive and not conn.wait_for_data(0):
+                return _DEFER  # nothing sent yet: wait in the poller, not in a thread
+            if not self.alive and not conn.wait_for_data(READ_TIMEOUT_S):
+                return False
         if not isinstance(conn.sock, DeadlineSocket):
             conn.sock = DeadlineSocket(conn.sock, conn.client)
         conn.sock.start_request()
         return super().handle(conn)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if not self.alive and not fs.cancelled() and fs.exception() is None and fs.result() is _DEFER:
+            self.enqueue_req(conn)  # deferred just before the worker began stopping: wait in a thread
+            return
+        super().finish_request(conn, fs)
 
     def handle_request(self, req: Any, conn: Any) -> bool:
         conn.sock.request = req

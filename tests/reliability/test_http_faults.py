@@ -122,6 +122,25 @@ def test_a_worker_keeps_its_exit_code_so_a_broken_app_stops_the_master(tiny_run:
     assert "exited with code 4" in process.stderr and "App failed to load" in process.stderr
 
 
+def test_a_connection_opened_while_the_worker_stops_is_served_by_the_next_worker(tiny_run: TinyRun) -> None:
+    """A worker that is about to recycle (MAX_REQUESTS, or the watchdog) still polls its listener until its
+    last request ends. A client that connects meanwhile and sends a moment later must get an answer from
+    the next worker, not a closed connection."""
+    env = {"MAX_REQUESTS": "1", "MAX_REQUESTS_JITTER": "0"}
+    with GunicornService(tiny_run.service, env=env, app=SLOW_APP) as service:
+        old = service.worker_pids()[0]
+        last = threading.Thread(target=lambda: service.request("GET", "/test/sleep?s=2", timeout=30))
+        last.start()
+        time.sleep(0.5)  # the worker has taken its last request and is stopping after it
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as late:
+            time.sleep(0.3)  # connected, request not yet sent
+            late.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b"".join(iter(lambda: late.recv(65536), b""))
+        last.join(timeout=30)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert f'"pid":{old}'.encode() not in answer.replace(b" ", b"")
+
+
 def test_max_requests_recycles_without_failures_and_reverifies(tiny_copy: TinyRun) -> None:
     env = {"MAX_REQUESTS": "20", "MAX_REQUESTS_JITTER": "0"}
     with GunicornService(tiny_copy.service, env=env) as service:
