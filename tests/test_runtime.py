@@ -43,6 +43,21 @@ def test_outputs_do_not_depend_on_batch_company(tiny_run: TinyRun) -> None:
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
+def test_many_texts_run_shortest_first_come_back_in_their_own_order(tiny_run: TinyRun) -> None:
+    from pipeline import inference
+    from serve.artifacts import load_approved
+
+    folder = load_approved(tiny_run.artifacts / "tiny-embed").folder
+    runtime = ModelRuntime(folder, SessionSettings(), max_seq_len=64, max_tokens_per_run=256, max_batch=8)
+    rng = np.random.default_rng(0)
+    words = ["film", "quiet", "memory", "sequel", "worst", "funny", "long", "fine"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(2 * inference.CHUNK + 17)]
+    together = inference.outputs(runtime, texts, "texts")
+    alone = np.stack([runtime.embed([text])[0] for text in texts])
+    assert together.shape == alone.shape
+    np.testing.assert_allclose(together, alone, atol=1e-3)  # as above: company moves int8 slightly
+
+
 def test_too_long_input_is_reported_not_truncated(tiny_run: TinyRun) -> None:
     from serve.artifacts import load_approved
 

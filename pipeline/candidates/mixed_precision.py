@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import inference
 from pipeline.atomic import json_bytes
 from pipeline.candidates.quantize import DynamicInt8, DynamicInt8Config
 from pipeline.config import Gates
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 SEARCH_FILE = "search.json"
 WEIGHT_INPUT = {"MatMul": 1, "Attention": 1}  # op types ranked (index of their constant weight input)
 CALIBRATION_BATCH = 32
-CALIBRATION_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class Calibration:
         return ModelRuntime(folder, SessionSettings(), self.max_seq_len, CALIBRATION_BATCH * self.max_seq_len)
 
     def outputs(self, folder: Path, label: str) -> np.ndarray:
-        runtime = self.runtime(folder)
-        chunks = [list(self.texts[i : i + CALIBRATION_CHUNK]) for i in range(0, len(self.texts), CALIBRATION_CHUNK)]
-        return np.concatenate([runtime.embed(chunk) for chunk in bar(chunks, label)])
+        return inference.outputs(self.runtime(folder), self.texts, label)
 
 
 @dataclass(frozen=True)

@@ -14,26 +14,24 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import inference
 from pipeline.cache import cache_key
 from pipeline.config import EvalConfig
 from pipeline.data import Dataset
 from pipeline.fidelity import FidelityReference
-from pipeline.progress import bar
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation
 from serve.artifacts import sha256_file
 from serve.config import ConfigError
 from serve.runtime import MODEL_FILE, ModelRuntime, RuntimeSpec
 
-CHUNK = 256
 EVALUATION_VERSION = 2  # bump when scoring changes: cached evaluations keyed on it are then recomputed
 
 
 def infer(runtime: ModelRuntime, texts: list[str], label: str) -> tuple[np.ndarray, float]:
     """Outputs for all texts (truncated to max_seq_len as the service would) and inputs per second."""
     started = time.perf_counter()
-    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    outputs = [runtime.embed(chunk) for chunk in bar(chunks, label)]
-    return np.concatenate(outputs), len(texts) / (time.perf_counter() - started)
+    outputs = inference.outputs(runtime, texts, label)
+    return outputs, len(texts) / (time.perf_counter() - started)
 
 
 def latency(runtime: ModelRuntime, texts: list[str]) -> dict[str, float]:
