@@ -84,7 +84,7 @@ def rank(
     timings: dict[str, Timing],
 ) -> tuple[str, dict[str, str]]:
     """The chosen candidate and a note per candidate. Criteria in turn, each keeping only the candidates
-    tied with the best: speed (medians of interleaved rounds closer than their spread), worst-case peak (within
+    tied with the best: speed (pipeline/ranking.py: within the spread of interleaved rounds), worst-case peak (within
     RSS_TIE; memory is compared on the same input for all: a candidate that fits only with smaller
     micro-batches shows a low peak there, yet needs more memory for the same work), fidelity; then the
     configured order. `objective` says whether speed or memory comes first."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
+
 from pipeline.config import Gates
 from pipeline.gates import select
 from pipeline.memory.curve import MemoryCurve
@@ -172,6 +174,43 @@ def test_noise_of_the_measured_size_does_not_flip_the_choice() -> None:
     )
     runs = [noisy_selection(evaluations, measurements, seed) for seed in range(200)]
     assert {chosen for chosen, _ in runs} == {"int8-mixed-qint8-per-channel"}
+
+
+class FakeClock:
+    """`time.perf_counter` for pipeline.ranking, advanced only by the fake runtimes below."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class DelayedRuntime:
+    """A runtime whose one-text run takes `ms`, and every `delayed_every`-th run `delay_ms` longer (other
+    work on the machine)."""
+
+    def __init__(self, clock: FakeClock, ms: float, delayed_every: int = 0, delay_ms: float = 0.0):
+        self.clock, self.ms, self.delayed_every, self.delay_ms, self.runs = clock, ms, delayed_every, delay_ms, 0
+
+    def embed(self, texts: list[str]) -> None:
+        self.runs += 1
+        delayed = self.delayed_every and self.runs % self.delayed_every == 0
+        self.clock.now += (self.ms + (self.delay_ms if delayed else 0.0)) / 1000
+
+
+def test_delays_from_other_work_do_not_make_a_faster_candidate_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the runs of the faster candidate are delayed (as a busy machine does): a round's median would
+    call it twice as slow, its fastest runs keep it faster, and the ranking says so."""
+    import pipeline.ranking as ranking
+
+    clock = FakeClock()
+    monkeypatch.setattr(ranking, "time", clock)
+    faster = DelayedRuntime(clock, 2.0, delayed_every=2, delay_ms=6.0)
+    runtimes = {"faster": faster, "steady": DelayedRuntime(clock, 2.5)}
+    timings = ranking.time_interleaved(runtimes, ["text"] * ranking.TEXTS_PER_ROUND)  # type: ignore[arg-type]
+    assert timings["faster"] == Timing(2.0, 2.0, 2.0, ROUNDS)
+    assert timings["faster"].faster_than(timings["steady"])
 
 
 def noisy_selection(

@@ -43,7 +43,7 @@ from serve.prepacked import PREPACKED_MODEL, PREPACKED_STAMP, prepacked_files
 from serve.runtime import MODEL_FILE, TOKENIZER_FILE, ModelRuntime
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
-RANKING_VERSION = 1  # bump when the timing changes: cached rankings keyed on it are then redone
+RANKING_VERSION = 2  # bump when the timing changes: cached rankings keyed on it are then redone
 KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
 
 
