@@ -214,6 +214,20 @@ def fake_probes(peaks: dict[tuple[str, int], float], slowdown: dict[str, tuple[f
     return probe
 
 
+def test_when_no_session_variant_is_quick_on_both_timings_the_least_slow_one_competes() -> None:
+    """Seen on a busy machine: arena-off fastest on the worst case, configured on one short text, each
+    over the allowance on the other. The variant least over its allowance is measured on."""
+    timed: dict[Any, dict[str, float]] = {
+        "configured": {"worst_case_s": 2.00, "one_text_ms": 5.0},
+        "arena-off": {"worst_case_s": 1.20, "one_text_ms": 9.0},
+        "mem-pattern-on": {"worst_case_s": 2.40, "one_text_ms": 12.0},
+    }
+    # Allowances: worst case 1.20 × 1.25 + 0.05 = 1.55 s, one text 5.0 × 1.25 + 1.0 = 7.25 ms.
+    assert quick_variants(timed) == ["arena-off"]  # 9.0 / 7.25 = 1.24 over, configured 2.00 / 1.55 = 1.29
+    timed["configured"]["worst_case_s"] = 1.50
+    assert quick_variants(timed) == ["configured"]  # within both allowances
+
+
 def test_session_variant_is_picked_where_the_service_will_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Worst case fits: the lowest worst-case peak wins. It does not: the lowest one-row peak wins,
     because the service will run small micro-batches, where the base decides how many rows fit."""

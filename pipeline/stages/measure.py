@@ -55,13 +55,16 @@ def timings(probe: dict[str, Any]) -> dict[str, float]:
 
 def quick_variants(timed: dict[SessionVariant, dict[str, float]]) -> list[SessionVariant]:
     """The variants within SESSION_SLOWDOWN of the fastest on both the worst case and one short text
-    (plus TIMING_NOISE: a one-text run of a small model takes ~1.5 ms, and repeats vary by ~0.3)."""
+    (plus TIMING_NOISE: a one-text run of a small model takes ~1.5 ms, and repeats vary by ~0.3).
+    When none is (one variant fastest on the worst case, another on one short text, each too slow on
+    the other), the one least over its allowance competes alone."""
     fastest = {key: min(t[key] for t in timed.values()) for key in TIMING_NOISE}
-    return [
-        v
-        for v, t in timed.items()
-        if all(t[k] <= fastest[k] * (1 + SESSION_SLOWDOWN) + TIMING_NOISE[k] for k in TIMING_NOISE)
-    ]
+
+    def over_allowance(t: dict[str, float]) -> float:
+        return max(t[k] / (fastest[k] * (1 + SESSION_SLOWDOWN) + TIMING_NOISE[k]) for k in TIMING_NOISE)
+
+    quick = [v for v, t in timed.items() if over_allowance(t) <= 1]
+    return quick or [min(timed, key=lambda v: over_allowance(timed[v]))]
 
 
 @dataclass(frozen=True)
