@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -123,14 +122,15 @@ def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
     return {"statuses": statuses, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def median_ms(runtime: Any, texts: list[str], runs: int = 7) -> float:
-    """Median milliseconds of `runs` calls: a short request shows per-run costs a large one hides."""
+def fastest_ms(runtime: Any, texts: list[str], runs: int = 7) -> float:
+    """Milliseconds of the fastest of `runs` calls: a short request shows per-run costs a large one hides,
+    and other work on the machine only adds time (pipeline/ranking.py)."""
     timings = []
     for _ in range(runs):
         started = time.perf_counter()
         runtime.embed(texts)
         timings.append(time.perf_counter() - started)
-    return round(statistics.median(timings) * 1000, 3)
+    return round(min(timings) * 1000, 3)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             runtime.embed(texts)
             timings.append(time.perf_counter() - started)
         peaks.append(status_mb("VmHWM"))
-    one_text_ms = [median_ms(runtime, [WORST_CASE_WORD]) for runtime in runtimes]
+    one_text_ms = [fastest_ms(runtime, [WORST_CASE_WORD]) for runtime in runtimes]
     for request in sweep_requests(max_batch, seq_len):
         for runtime in runtimes:
             runtime.embed(request)
@@ -191,7 +191,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "max_input_chars": [runtime.max_input_chars for runtime in runtimes],
         "max_request_chars": [runtime.max_request_chars for runtime in runtimes],
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
-        "run_s": [round(statistics.median(t), 4) for t in seconds],
+        "run_s": [round(min(t), 4) for t in seconds],  # the fastest repeat, as above
         "one_text_ms": one_text_ms,
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "forbidden_modules_loaded": leaked,

@@ -32,7 +32,7 @@ from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
 TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
-MEASUREMENT_VERSION = 10  # bump when probing changes: cached probes keyed on it are then redone
+MEASUREMENT_VERSION = 11  # bump when probing changes: cached probes keyed on it are then redone
 
 
 def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
@@ -49,7 +49,7 @@ def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def timings(probe: dict[str, Any]) -> dict[str, float]:
-    """A one-model probe's speed: median seconds of its worst-case runs, median ms of one short text."""
+    """A one-model probe's speed: seconds of its fastest worst-case run, ms of its fastest one-text run."""
     return {"worst_case_s": float(probe["run_s"][0]), "one_text_ms": float(probe["one_text_ms"][0])}
 
 
