@@ -31,7 +31,9 @@ from serve.config import SessionSettings
 from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
-TIMING_NOISE = {"worst_case_s": 0.05, "one_text_ms": 1.0}
+# What the same variant's timings moved by between builds on this machine (fastest runs, MiniLM 8-bit
+# weights with int8 compute, configured: one short text 2.0–4.5 ms, the worst case 1.37–1.55 s).
+TIMING_NOISE = {"worst_case_s": 0.25, "one_text_ms": 3.0}
 MEASUREMENT_VERSION = 11  # bump when probing changes: cached probes keyed on it are then redone
 
 
@@ -54,8 +56,8 @@ def timings(probe: dict[str, Any]) -> dict[str, float]:
 
 
 def quick_variants(timed: dict[SessionVariant, dict[str, float]]) -> list[SessionVariant]:
-    """The variants within SESSION_SLOWDOWN of the fastest on both the worst case and one short text
-    (plus TIMING_NOISE: a one-text run of a small model takes ~1.5 ms, and repeats vary by ~0.3).
+    """The variants within SESSION_SLOWDOWN of the fastest on both the worst case and one short text,
+    plus TIMING_NOISE.
     When none is (one variant fastest on the worst case, another on one short text, each too slow on
     the other), the one least over its allowance competes alone."""
     fastest = {key: min(t[key] for t in timed.values()) for key in TIMING_NOISE}
