@@ -31,8 +31,9 @@ from serve.config import SessionSettings
 from serve.runtime import MODEL_FILE
 
 SESSION_SLOWDOWN = 0.25
-# What the same variant's timings moved by between builds on this machine (fastest runs, MiniLM 8-bit
-# weights with int8 compute, configured: one short text 2.0–4.5 ms, the worst case 1.37–1.55 s).
+# What the same variant's timings moved by between builds on this machine (MiniLM 8-bit weights with
+# int8 compute, configured: one short text 2.0 ms and the worst case 1.37 s timed by medians in one
+# build, 4.5 ms and 1.55 s timed by fastest runs in another).
 TIMING_NOISE = {"worst_case_s": 0.25, "one_text_ms": 3.0}
 MEASUREMENT_VERSION = 11  # bump when probing changes: cached probes keyed on it are then redone
 
