@@ -59,7 +59,7 @@ serve: setup
 
 # memfit against what users run today (torch fp32/int8 Flask apps, optimum-onnx, sentence-transformers),
 # MiniLM and mpnet each alone in one worker, 3 interleaved rounds: benchmarks/results/<date>.{json,md,png}.
-# Optimizes both services first (cached when done; 30–50 min for mpnet on a fresh clone).
+# Optimizes both services first (cached when done; mpnet took 1 h 52 min on a fresh clone on 2026-12-05).
 BENCH_SERVICES ?= configs/service.yaml configs/service-mpnet.yaml
 bench: setup
 	for service in $(BENCH_SERVICES); do $(BIN)/memfit optimize --service $$service || exit 1; done
