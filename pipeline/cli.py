@@ -50,6 +50,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from serve.artifacts import load_approved
     from serve.config import load_service_config, resolve
+    from serve.cpu import check_int8_kernels
     from serve.prepacked import choose_weights
     from serve.runtime import MODEL_FILE
 
@@ -62,6 +63,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         model_dir = resolve(path, service.artifacts_dir) / model.name
         try:
             artifact = load_approved(model_dir)
+            check_int8_kernels(artifact.manifest, model.name)
             prepacking = not artifact.manifest["session_options"].get("disable_prepacking", False)
             weights = choose_weights(artifact.folder / MODEL_FILE, service.shared_weights, prepacking)
         except ArtifactError as exc:

@@ -9,7 +9,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from serve.prepacked import cpu_flags_sha256
+from serve.cpu import cpu_flags_sha256, int8_products_saturate
 
 VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")  # what the probe and the service run
@@ -28,8 +28,9 @@ def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
 
 @cache
 def machine() -> dict[str, object]:
-    """CPU count, platform, CPU model and its instruction-set flags (as /proc/cpuinfo lists them, and
-    their sha256: ONNX Runtime picks kernels by them, so speed and memory figures depend on them)."""
+    """CPU count, platform, CPU model, the sha256 of its instruction-set flags (ONNX Runtime picks
+    kernels by them, so speed and memory figures depend on them) and whether its int8 products saturate
+    (so fidelity figures of full-range int8 depend on it too)."""
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -44,6 +45,7 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": model,
         "cpu_flags_sha256": cpu_flags_sha256(),
+        "int8_products_saturate": int8_products_saturate(),
     }
 
 

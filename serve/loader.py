@@ -10,6 +10,7 @@ from typing import Any
 
 from serve.artifacts import ArtifactError, load_approved
 from serve.config import ServiceConfig, SessionSettings
+from serve.cpu import check_int8_kernels
 from serve.onnx_refs import check_external_data
 from serve.prepacked import PREPACKED_MODEL
 from serve.runtime import MODEL_FILE, ModelRuntime
@@ -40,9 +41,11 @@ def session_settings(approved: dict[str, Any], intra_op_threads: int | None) -> 
 
 
 def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
-    """Refuses (ArtifactError) an artifact that does not verify, or a service that accepts more than its
-    approval proves: longer inputs, larger bodies, more characters, more threads."""
+    """Refuses (ArtifactError) an artifact that does not verify, whose int8 outputs this CPU cannot
+    reproduce, or a service that accepts more than its approval proves: longer inputs, larger bodies,
+    more characters, more threads."""
     artifact = load_approved(model_dir, pending=service.pending_approvals)
+    check_int8_kernels(artifact.manifest, model_dir.name)
     for model_file in (MODEL_FILE, PREPACKED_MODEL):
         if model_file in artifact.manifest["files"]:
             check_external_data(artifact.folder / model_file, allowed=set(artifact.manifest["files"]))

@@ -11,39 +11,22 @@ portable `model.onnx` and says why (`SHARED_WEIGHTS=require` refuses instead).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
 
 from serve.artifacts import ArtifactError
 from serve.config import SharedWeights
+from serve.cpu import cpu_flags_sha256
 
 PREPACKED_MODEL = "model.prepacked.onnx"
 PREPACKED_DATA = "model.prepacked.bin"
 PREPACKED_STAMP = "prepacked.json"
 PREPACKED_FILES = (PREPACKED_MODEL, PREPACKED_DATA, PREPACKED_STAMP)
-
-
-@cache
-def cpu_flags_sha256() -> str:
-    """The CPU's instruction-set flags as /proc/cpuinfo lists them, hashed: ONNX Runtime picks its
-    kernels, and so the packed layout, by them."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                flags = " ".join(sorted(value.split()))
-                break
-    except OSError:
-        pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
 def platform_stamp() -> dict[str, str]:

@@ -20,7 +20,6 @@ from pipeline.candidates.mixed_precision import (
     Calibration,
     MixedPrecision,
     MixedPrecisionConfig,
-    fake_quantize,
     fewest_passing,
     first_output,
     quantized_alone,
@@ -53,20 +52,6 @@ def test_fewest_passing_finds_the_threshold_in_few_trials(total: int) -> None:
         assert fewest_passing(total, passes) == min(threshold, total)
         assert len(calls) <= 2 + math.ceil(math.log2(total)) + 1
         assert len(set(calls)) == len(calls)  # no trial is repeated
-
-
-def test_fake_quantize_rounds_within_half_a_step_and_keeps_zero() -> None:
-    rng = np.random.default_rng(0)
-    weight = rng.normal(size=(64, 16)).astype(np.float32)
-    weight[:, 3] *= 100  # one loud column must not coarsen the others' scale (per channel)
-    per_channel = fake_quantize(weight, signed=True, axis=0)
-    steps = np.abs(weight).max(axis=0) / 127
-    assert np.all(np.abs(per_channel - weight) <= steps / 2 + 1e-6)
-    activation = np.concatenate([rng.uniform(0.5, 3, 100), [0.0]]).astype(np.float32)
-    unsigned = fake_quantize(activation, signed=False, axis=None)
-    assert unsigned[-1] == 0.0  # zero (padding, ReLU output) is exactly representable
-    assert np.abs(unsigned - activation).max() <= 3 / 255 / 2 + 1e-6
-    assert np.all(fake_quantize(np.zeros((4, 4), np.float32), signed=True, axis=0) == 0)
 
 
 def test_search_aims_closer_to_fp32_than_the_gates() -> None:

@@ -92,19 +92,21 @@ MIXED_PRECISION_PRESETS: dict[str, MixedPrecisionConfig] = {
 }
 
 
-def fake_quantize(values: np.ndarray, signed: bool, axis: int | None) -> np.ndarray:
-    """Round trip through 8 bits: symmetric int8, or asymmetric uint8 with 0 exactly representable;
-    one scale per slice along `axis` reduced over, or one for the whole tensor."""
+def fake_quantize(values: np.ndarray, levels: tuple[int, int], axis: int | None) -> np.ndarray:
+    """Round trip through the integers `levels` spans: symmetric about 0 when it includes negatives,
+    else asymmetric with 0 exactly representable; one scale per slice along `axis` reduced over, or one
+    for the whole tensor."""
     keep = axis is not None
-    if signed:
-        scale = np.abs(values).max(axis=axis, keepdims=keep) / 127
+    low_level, high_level = levels
+    if low_level < 0:
+        scale = np.abs(values).max(axis=axis, keepdims=keep) / high_level
         scale = np.where(scale == 0, 1.0, scale)
-        return np.clip(np.round(values / scale), -127, 127) * scale
+        return np.clip(np.round(values / scale), low_level, high_level) * scale
     low = np.minimum(values.min(axis=axis, keepdims=keep), 0)
     high = np.maximum(values.max(axis=axis, keepdims=keep), 0)
-    scale = np.where(high > low, (high - low) / 255, 1.0)
+    scale = np.where(high > low, (high - low) / high_level, 1.0)
     zero = np.round(-low / scale)
-    return (np.clip(np.round(values / scale) + zero, 0, 255) - zero) * scale
+    return (np.clip(np.round(values / scale) + zero, 0, high_level) - zero) * scale
 
 
 def first_output(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -123,8 +125,9 @@ def quantized_alone(model: Any, node: Any, weight: Any, config: MixedPrecisionCo
     original = TensorProto()
     original.CopyFrom(weight)
     values = numpy_helper.to_array(weight).astype(np.float32)
-    signed, axis = config.int8.weight_type == "QInt8", 0 if config.int8.per_channel else None
-    weight.CopyFrom(numpy_helper.from_array(fake_quantize(values, signed, axis).astype(values.dtype), weight.name))
+    axis = 0 if config.int8.per_channel else None
+    rounded = fake_quantize(values, config.int8.weight_range(), axis)
+    weight.CopyFrom(numpy_helper.from_array(rounded.astype(values.dtype), weight.name))
     activation = node.input[0]
     names = [f"{activation}.{node.name}.{suffix}" for suffix in ("q", "scale", "zero", "dq")]
     quantize = helper.make_node("DynamicQuantizeLinear", [activation], names[:3])
@@ -187,7 +190,7 @@ class MixedPrecision:
         return {
             "precision": "int8+fp32",
             "method": "dynamic, sensitive nodes kept fp32",
-            **asdict(self.config.int8),
+            **self.config.int8.settings(),
             "ranking_texts": self.config.ranking_texts,
             "headroom": self.config.headroom,
         }
