@@ -4,6 +4,8 @@ does, and a full-range model approved on a VNNI CPU is refused where products sa
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,14 @@ import numpy as np
 import pytest
 
 import serve.cpu
+from pipeline import cli
 from pipeline.candidates import CANDIDATES
 from pipeline.candidates.mixed_precision import fake_quantize
 from pipeline.candidates.quantize import DYNAMIC_INT8_PRESETS, DynamicInt8, DynamicInt8Config
-from serve.artifacts import ArtifactError
+from serve.app import Service
+from serve.artifacts import APPROVED_FILE, ArtifactError, sha256_bytes
 from serve.cpu import check_int8_kernels, int8_products_saturate
+from tests.conftest import TinyRun
 
 K, N = 256, 8
 
@@ -153,3 +158,34 @@ def test_a_service_where_products_saturate_refuses_int8_approved_where_they_did_
         check_int8_kernels(approved, "minilm")
     monkeypatch.setattr(serve.cpu, "int8_products_saturate", lambda: False)
     check_int8_kernels(approved, "minilm")
+
+
+def approve_as_full_range_int8_from_a_vnni_cpu(model_dir: Path) -> None:
+    """Rewrite an approval's manifest (and re-sign its pointer) as a full-range int8 variant measured
+    on a CPU whose products do not saturate."""
+    pointer = json.loads((model_dir / APPROVED_FILE).read_text())
+    path = model_dir / pointer["manifest"]
+    approved = json.loads(path.read_text())
+    approved["variant"].update(precision="int8", weight_type="QInt8", reduce_range=False)
+    approved["machine"]["int8_products_saturate"] = False
+    path.write_text(json.dumps(approved))
+    pointer["sha256"] = sha256_bytes(path.read_bytes())
+    (model_dir / APPROVED_FILE).write_text(json.dumps(pointer))
+
+
+def test_the_service_and_verify_refuse_it_and_serve_the_other_models(
+    tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_run.artifacts, artifacts)
+    approve_as_full_range_int8_from_a_vnni_cpu(artifacts / "tiny-embed")
+    monkeypatch.setenv("ARTIFACTS_DIR", str(artifacts))
+    monkeypatch.setattr(serve.cpu, "int8_products_saturate", lambda: True)
+    service = Service.from_config(tiny_run.service)
+    assert "int8 products saturate" in service.failures["tiny-embed"] and set(service.models) == {"tiny-clf"}
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["verify", "--service", str(tiny_run.service)])
+    out = capsys.readouterr().out
+    assert exited.value.code == 1 and "verify tiny-embed: FAILED" in out and "verify tiny-clf: ok" in out
+    monkeypatch.setattr(serve.cpu, "int8_products_saturate", lambda: False)
+    assert set(Service.from_config(tiny_run.service).models) == {"tiny-embed", "tiny-clf"}
