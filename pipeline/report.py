@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.provenance import machine
 from pipeline.stages.measure import SESSION_SLOWDOWN
 from serve.config import ServiceConfig
 
@@ -46,6 +48,7 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "session_trials_mb": measurement.session_trials,
                 "session_timings": measurement.session_timings,
                 "search": candidate.search,
+                "settings": candidate.settings,
                 "p50_ms": evaluation.latency_ms["p50"],
                 "p95_ms": evaluation.latency_ms["p95"],
                 "throughput_per_s": evaluation.throughput,
@@ -153,6 +156,15 @@ def session_lines(model: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def settings_lines(model: dict[str, Any]) -> list[str]:
+    """How each candidate was built: its settings, which also key its cached folder."""
+    lines = ["How each candidate was built:", ""]
+    for row in model["candidates"]:
+        flat = {name: value for name, value in (row["settings"] or {}).items() if not isinstance(value, dict)}
+        lines.append(f"- {row['variant']}: " + ", ".join(f"{name} {json.dumps(value)}" for name, value in flat.items()))
+    return [*lines, ""]
+
+
 def search_lines(model: dict[str, Any]) -> list[str]:
     """Every trial of each calibrated search: how many nodes were kept fp32 and what that bought."""
     lines = []
@@ -194,6 +206,12 @@ def markdown(report: dict[str, Any]) -> str:
         "Proven peak: that micro-batch, then the largest bodies the service accepts in their nastiest forms "
         "through the service's request path, TRUNCATE off and on (measured for candidates that meet the "
         "fidelity gates).",
+        f"Machine: {report['machine']['cpus']} x {report['machine']['cpu']}; its int8 products "
+        + (
+            "saturate at 8 bits (no VNNI): int8 weights are built with 7."
+            if report["machine"]["int8_products_saturate"]
+            else "are exact at 8 bits."
+        ),
         "",
     ]
     for model in report["models"]:
@@ -218,7 +236,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )
-        lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model), *search_lines(model)]
+        lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model)]
+        lines += [*settings_lines(model), *search_lines(model)]
         lines += [time_line(model["stage_seconds"]), ""]
     fit = report.get("service_fit")
     if fit:
@@ -337,6 +356,7 @@ def write_report(
 ) -> dict[str, Any]:
     report = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
         "service": {
             "budget_mb": service.budget_mb,
             "max_batch": service.limits.max_batch,

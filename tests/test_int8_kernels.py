@@ -189,3 +189,15 @@ def test_the_service_and_verify_refuse_it_and_serve_the_other_models(
     assert exited.value.code == 1 and "verify tiny-embed: FAILED" in out and "verify tiny-clf: ok" in out
     monkeypatch.setattr(serve.cpu, "int8_products_saturate", lambda: False)
     assert set(Service.from_config(tiny_run.service).models) == {"tiny-embed", "tiny-clf"}
+
+
+def test_the_report_says_how_each_candidate_was_built_and_on_what_cpu(tiny_run: TinyRun) -> None:
+    report = json.loads((tiny_run.artifacts / "report.json").read_text())
+    assert report["machine"]["int8_products_saturate"] is int8_products_saturate()
+    for row in report["models"][0]["candidates"]:
+        spec = CANDIDATES[row["variant"]]
+        assert {k: v for k, v in row["settings"].items() if k != "calibration"} == spec.settings
+    markdown = (tiny_run.artifacts / "report.md").read_text()
+    built = next(line for line in markdown.splitlines() if line.startswith("- int8-qint8-per-channel: "))
+    assert f"reduce_range {json.dumps(int8_products_saturate())}" in built, built
+    assert ("saturate at 8 bits" in markdown) is int8_products_saturate()
