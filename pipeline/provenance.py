@@ -7,9 +7,8 @@ import os
 import platform
 from functools import cache
 from importlib import metadata
-from pathlib import Path
 
-from serve.cpu import cpu_flags_sha256, int8_products_saturate
+from serve.cpu import cpu_flags_sha256, cpu_info, int8_products_saturate
 
 VERSIONED = ("onnx", "onnxruntime", "torch", "transformers", "optimum-onnx", "tokenizers", "numpy")
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")  # what the probe and the service run
@@ -31,19 +30,10 @@ def machine() -> dict[str, object]:
     """CPU count, platform, CPU model, the sha256 of its instruction-set flags (ONNX Runtime picks
     kernels by them, so speed and memory figures depend on them) and whether its int8 products saturate
     (so fidelity figures of full-range int8 depend on it too)."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-                break
-    except OSError:
-        pass
     return {
         "cpus": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),
-        "cpu": model,
+        "cpu": cpu_info().get("model name", "unknown"),
         "cpu_flags_sha256": cpu_flags_sha256(),
         "int8_products_saturate": int8_products_saturate(),
     }

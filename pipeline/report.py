@@ -160,7 +160,7 @@ def settings_lines(model: dict[str, Any]) -> list[str]:
     """How each candidate was built: its settings, which also key its cached folder."""
     lines = ["How each candidate was built:", ""]
     for row in model["candidates"]:
-        flat = {name: value for name, value in (row["settings"] or {}).items() if not isinstance(value, dict)}
+        flat = {name: value for name, value in row["settings"].items() if not isinstance(value, dict)}
         lines.append(f"- {row['variant']}: " + ", ".join(f"{name} {json.dumps(value)}" for name, value in flat.items()))
     return [*lines, ""]
 
@@ -236,8 +236,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['delta_pt'], 2)} | {_fmt(row['cosine_mean'], 4)} | {_fmt(row['cosine_min'], 4)} | "
                 f"{_fmt(row['overlap_at_10'], 3)} | {_fmt(row['agreement'], 4)} | {row['verdict']} | {row['reason']} |"
             )
-        lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model)]
-        lines += [*settings_lines(model), *search_lines(model)]
+        lines += ["", *accuracy_lines(model), *closer_lines(model), *session_lines(model), *settings_lines(model)]
+        lines += search_lines(model)
         lines += [time_line(model["stage_seconds"]), ""]
     fit = report.get("service_fit")
     if fit:

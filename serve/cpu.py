@@ -21,16 +21,24 @@ INT32_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags /proc/cpuinfo lists for the first CPU (empty where it cannot be read)."""
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return frozenset(value.split())
+            if not key.strip():
+                break
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags (x86 `flags`, Arm `Features`)."""
+    info = cpu_info()
+    return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
 def cpu_flags_sha256() -> str:
