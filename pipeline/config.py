@@ -148,6 +148,12 @@ SESSION_VARIANTS: dict[SessionVariant, dict[str, bool]] = {
     "prepacking-off": {"disable_prepacking": True},
 }
 
+# Speed decides between two candidates only when one is at least this many times as fast on one text (and
+# faster beyond the spread of its timing rounds). Variants that differ in fact by 1.2-1.4x (MiniLM's int8-mixed
+# and 8-bit weights with int8 compute, on the same machine) were timed as tied in some builds and apart in
+# others; a margin above the gaps that flip keeps the same inputs approving the same variant.
+MIN_SPEEDUP = 1.5
+
 DEFAULT_CANDIDATES = [
     "fp32",
     "fp32-optimized",
@@ -170,6 +176,7 @@ class ModelConfig(StrictModel):
     session_variants: list[SessionVariant] = Field(default_factory=lambda: list(get_args(SessionVariant)), min_length=1)
     measure_repeats: int = Field(5, gt=0, le=100)
     objective: Literal["lowest_peak_rss", "lowest_latency"] = "lowest_peak_rss"
+    min_speedup: float = Field(MIN_SPEEDUP, ge=1.0, le=10.0)
 
     @model_validator(mode="after")
     def _finetune_needs_labels(self) -> ModelConfig:

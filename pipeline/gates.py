@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.config import Gates
+from pipeline.config import MIN_SPEEDUP, Gates
 from pipeline.fidelity import Fidelity
 from pipeline.ranking import Timing
 from pipeline.state import Evaluation, Measurement, Verdict
@@ -52,6 +52,7 @@ def select(
     share_mb: float,
     objective: str,
     timings: dict[str, Timing],
+    min_speedup: float = MIN_SPEEDUP,
 ) -> tuple[Verdict, ...]:
     """A verdict per eligible candidate; the passing one that best meets `objective` is chosen, and each
     passing one carries why it was or was not (`timings`: pipeline/ranking.py, for every passing one)."""
@@ -61,7 +62,7 @@ def select(
     passing = [v.variant for v in verdicts if v.passed]
     if not passing:
         return tuple(verdicts)
-    chosen, notes = rank(passing, evaluations, measurements, objective, timings)
+    chosen, notes = rank(passing, evaluations, measurements, objective, timings, min_speedup)
     return tuple(
         Verdict(v.variant, v.failures, chosen=v.variant == chosen, note=notes.get(v.variant, "")) for v in verdicts
     )
@@ -82,12 +83,13 @@ def rank(
     measurements: dict[str, Measurement],
     objective: str,
     timings: dict[str, Timing],
+    min_speedup: float,
 ) -> tuple[str, dict[str, str]]:
     """The chosen candidate and a note per candidate. Criteria in turn, each keeping only the candidates
-    tied with the best: speed (pipeline/ranking.py: within the spread of interleaved rounds), worst-case peak (within
-    RSS_TIE; memory is compared on the same input for all: a candidate that fits only with smaller
-    micro-batches shows a low peak there, yet needs more memory for the same work), fidelity; then the
-    configured order. `objective` says whether speed or memory comes first."""
+    tied with the best: speed (pipeline/ranking.py: less than `min_speedup` times as fast, or within the spread
+    of interleaved rounds), worst-case peak (within RSS_TIE; memory is compared on the same input for all: a
+    candidate that fits only with smaller micro-batches shows a low peak there, yet needs more memory for the
+    same work), fidelity; then the configured order. `objective` says whether speed or memory comes first."""
     notes: dict[str, str] = {}
     rss = {name: measurements[name].worst_case_peak_mb for name in passing}
     score = {name: fidelity_score(evaluations[name]) for name in passing}
@@ -95,7 +97,7 @@ def rank(
     def by_speed(names: list[str]) -> list[str]:
         fastest = min(names, key=lambda n: timings[n].median_ms)
         for name in names:
-            if timings[fastest].faster_than(timings[name]):
+            if timings[fastest].faster_than(timings[name], min_speedup):
                 notes[name] = f"slower: {timings[name].describe()} vs {fastest} {timings[fastest].describe()}"
         return [n for n in names if n not in notes]
 
@@ -123,5 +125,9 @@ def rank(
     for name in remaining[1:]:
         notes[name] = f"tied with {chosen} on speed, memory and fidelity; listed after it"
     speed = f"; {timings[chosen].describe()}" if chosen in timings else ""
+    fastest = min(timings, key=lambda n: timings[n].median_ms) if timings else chosen
+    if fastest != chosen and not timings[fastest].faster_than(timings[chosen], min_speedup):
+        ratio = timings[chosen].median_ms / timings[fastest].median_ms
+        speed += f", {ratio:.2f}× {fastest}'s {timings[fastest].describe()}: a tie under {min_speedup:g}×"
     notes[chosen] = f"best by {objective.replace('_', ' ')}{speed}; worst-case peak {rss[chosen]:.1f} MB"
     return chosen, notes

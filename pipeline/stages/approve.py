@@ -183,6 +183,7 @@ def prune(model_dir: Path, keep: Path) -> None:
 class ApproveStage:
     gates: Gates
     objective: str
+    min_speedup: float
     name: str = "approve"
 
     def timings(self, context: BuildContext, state: BuildState, passing: list[str]) -> dict[str, Timing]:
@@ -228,7 +229,9 @@ class ApproveStage:
             if not gate_failures(evaluations[name], measurements[name], self.gates, context.share_mb)
         ]
         timings = self.timings(context, state, passing)
-        verdicts = select(eligible, evaluations, measurements, self.gates, context.share_mb, self.objective, timings)
+        verdicts = select(
+            eligible, evaluations, measurements, self.gates, context.share_mb, self.objective, timings, self.min_speedup
+        )
         chosen = next((v.variant for v in verdicts if v.chosen), None)
         if chosen is None:
             return replace(state, verdicts=verdicts)
