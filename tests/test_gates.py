@@ -177,11 +177,11 @@ def test_noise_of_the_measured_size_does_not_flip_the_choice() -> None:
 
 
 def test_recorded_timings_that_flipped_the_approval_now_approve_one_variant() -> None:
-    """One-text timings recorded by three builds of the same MiniLM inputs on one machine (ranking cache,
-    2026-12-05), with their worst-case peaks. int8-mixed was 1.36×, 1.19× and 1.25× as fast as 8-bit weights
-    with int8 compute: beyond the spread in the first build, within it in the others, so the spread alone
-    approved int8-mixed once and the 8-bit weights twice. Under the 1.5× margin every build approves the
-    same variant, and the note says how close the faster one came."""
+    """One-text timings recorded by three timing runs in one MiniLM build folder on one machine (its ranking
+    cache, 2026-12-05: the 8-bit and 7-bit int8 rebuilds), with worst-case peaks. int8-mixed was 1.36×,
+    1.19× and 1.25× as fast as 8-bit weights with int8 compute: beyond the spread in the first run, within
+    it in the others, so the spread alone approved int8-mixed once and the 8-bit weights twice. Under the
+    1.5× margin every run approves the same variant, and the note says how close the faster one came."""
     recorded = [
         {
             "int8-mixed": (2.218, 2.063, 2.434),
