@@ -12,15 +12,28 @@ apart were tied on a busy machine and apart on a quiet one, and the approval fol
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from pipeline.memory.probe import run_fresh
+from serve.config import Limits, SessionSettings
+from serve.memory import pin_allocator
+from serve.probe import WORST_CASE_WORD, worst_case_texts
 from serve.runtime import ModelRuntime
 
 ROUNDS = 7
 TEXTS_PER_ROUND = 20
+# Rounds of the worst-case input per session variant: each is one whole max_batch × max_seq_len run
+# (0.3-0.7 s for MiniLM, 4-9 s for mpnet), so fewer rounds than one-text timings get.
+WORST_CASE_ROUNDS = 3
+# A fresh process times every session variant of one candidate: about 10 s for MiniLM and 3 min for
+# mpnet on 2 cores; the limit allows for a machine shared with other work.
+SESSION_TIMING_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -57,19 +70,76 @@ class Timing:
         return asdict(self)
 
 
-def time_interleaved(runtimes: dict[str, ModelRuntime], texts: list[str], rounds: int = ROUNDS) -> dict[str, Timing]:
-    """Each round times every candidate on the same texts, one at a time, in an order rotated per round."""
+SessionTimings = dict[str, dict[str, Timing]]  # session variant -> "worst_case" / "one_text" -> Timing
+
+
+def timings_json(timed: SessionTimings) -> dict[str, dict[str, dict[str, Any]]]:
+    return {variant: {kind: t.to_json() for kind, t in kinds.items()} for variant, kinds in timed.items()}
+
+
+def timings_from_json(found: dict[str, dict[str, dict[str, Any]]]) -> SessionTimings:
+    return {variant: {kind: Timing(**t) for kind, t in kinds.items()} for variant, kinds in found.items()}
+
+
+def time_interleaved(
+    runtimes: dict[str, ModelRuntime], requests: list[list[str]], rounds: int = ROUNDS
+) -> dict[str, Timing]:
+    """Each round runs the same requests on every runtime, one runtime at a time, in an order rotated
+    per round; a round's figure is its fastest request."""
     names = list(runtimes)
     for runtime in runtimes.values():
-        runtime.embed(texts[:1])  # warm-up
+        runtime.embed(requests[0])  # warm-up
     fastest: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             samples = []
-            for text in texts[:TEXTS_PER_ROUND]:
+            for request in requests:
                 started = time.perf_counter()
-                runtimes[name].embed([text])
+                runtimes[name].embed(request)
                 samples.append((time.perf_counter() - started) * 1000)
             fastest[name].append(min(samples))
     return {name: Timing.of(values) for name, values in fastest.items()}
+
+
+def one_text_requests(texts: list[str]) -> list[list[str]]:
+    return [[text] for text in texts[:TEXTS_PER_ROUND]]
+
+
+def time_sessions(folder: Path, sessions: dict[str, SessionSettings], limits: Limits) -> SessionTimings:
+    """One candidate under each session variant, loaded side by side in a fresh process whose allocator
+    is set as a service worker's, and timed interleaved: on the worst-case input (where arena off pays
+    for allocating every run) and on one short text (where prepacking off pays for repacking the weights
+    every run). The allocator matters: with glibc's mmap threshold pinned (serve/memory.py), every large
+    buffer arena off frees is unmapped and faulted in again on the next run. MiniLM's fp32 worst case
+    with arena off timed 1.08x configured's in a build process, whose threshold had floated up, and
+    2.1-2.3x in the worker's setting."""
+    spec = {
+        "folder": str(folder),
+        "sessions": {name: settings.model_dump() for name, settings in sessions.items()},
+        "limits": limits.model_dump(),
+    }
+    return timings_from_json(run_fresh("pipeline.ranking", spec, SESSION_TIMING_TIMEOUT_S, "session timing"))
+
+
+def time_sessions_here(spec: dict[str, Any]) -> SessionTimings:
+    """time_sessions' measurement, in this process (a fresh one)."""
+    limits = Limits.model_validate(spec["limits"])
+    sessions = {name: SessionSettings.model_validate(s) for name, s in spec["sessions"].items()}
+    tokens = limits.max_batch * limits.max_seq_len
+    runtimes = {
+        name: ModelRuntime(Path(spec["folder"]), settings, limits.max_seq_len, tokens, limits.max_batch)
+        for name, settings in sessions.items()
+    }
+    worst = time_interleaved(runtimes, [worst_case_texts(limits.max_batch, limits.max_seq_len)], WORST_CASE_ROUNDS)
+    one_text = time_interleaved(runtimes, one_text_requests([WORST_CASE_WORD] * TEXTS_PER_ROUND))
+    return {name: {"worst_case": worst[name], "one_text": one_text[name]} for name in runtimes}
+
+
+def main() -> None:
+    pin_allocator()
+    print(json.dumps(timings_json(time_sessions_here(json.loads(sys.argv[1])))))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import json_bytes, write_bytes_atomic
+from pipeline.gates import RSS_TIE
 from pipeline.provenance import machine
-from pipeline.stages.measure import SESSION_SLOWDOWN
+from pipeline.ranking import ROUNDS, WORST_CASE_ROUNDS, timings_from_json
 from serve.config import ServiceConfig
 
 if TYPE_CHECKING:
@@ -132,20 +133,22 @@ def closer_lines(model: dict[str, Any]) -> list[str]:
 def session_cell(row: dict[str, Any], variant: str) -> str:
     if variant not in row["session_trials_mb"]:
         return "–"
-    timed = row["session_timings"][variant]
-    return f"{row['session_trials_mb'][variant]:.1f} ({timed['worst_case_s']:.2f} s / {timed['one_text_ms']:.1f} ms)"
+    timed = timings_from_json(row["session_timings"])[variant]
+    worst, one = timed["worst_case"], timed["one_text"]
+    return f"{row['session_trials_mb'][variant]:.1f}: {worst.describe()}, {one.describe()}"
 
 
 def session_lines(model: dict[str, Any]) -> list[str]:
-    """Worst-case peak and run time of each candidate measured under each session-option variant."""
+    """Worst-case peak and run times of each candidate measured under each session-option variant."""
     measured = [r for r in model["candidates"] if len(r["session_trials_mb"]) > 1]
     if not measured:
         return []
     variants = list(measured[0]["session_trials_mb"])
     lines = [
-        "Session options, per variant: worst-case peak RSS MB (seconds for that input / ms for one short text), "
-        f"for the candidates that meet the fidelity gates; a variant over {SESSION_SLOWDOWN:.0%} slower than the "
-        "fastest on either does not compete:",
+        "Session options, per variant: worst-case peak RSS MB: median ms of the worst-case input, of one short "
+        f"text (over {WORST_CASE_ROUNDS} and {ROUNDS} rounds timed side by side, with their range), for the "
+        "candidates that meet the fidelity gates. The lowest peak picks the session (the first listed within "
+        f"{RSS_TIE:.0%}); the timings show what each variant costs, and decide nothing:",
         "",
         "| variant | " + " | ".join(variants) + " | chosen |",
         "|---|" + "---|" * (len(variants) + 1),

@@ -113,7 +113,7 @@ class Measurement:
     session_variant: str
     session_options: dict[str, Any]
     session_trials: dict[str, float]  # session variant -> worst-case peak MB
-    session_timings: dict[str, dict[str, float]]  # session variant -> worst_case_s, one_text_ms (medians)
+    session_timings: dict[str, dict[str, dict[str, Any]]]  # variant -> worst_case / one_text -> Timing JSON
 
     @property
     def max_tokens_per_run(self) -> int:

@@ -122,17 +122,6 @@ def request_path(runtimes: list[Any], spec: dict[str, Any]) -> dict[str, Any]:
     return {"statuses": statuses, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def fastest_ms(runtime: Any, texts: list[str], runs: int = 7) -> float:
-    """Milliseconds of the fastest of `runs` calls: a short request shows per-run costs a large one hides,
-    and other work on the machine only adds time (pipeline/ranking.py)."""
-    timings = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runtime.embed(texts)
-        timings.append(time.perf_counter() - started)
-    return round(min(timings) * 1000, 3)
-
-
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     before_imports = status_mb()
     # What a gunicorn worker holds: the master's gunicorn modules (inherited at fork) and the app.
@@ -164,14 +153,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     after_load = status_mb()
     inputs = [worst_case_texts(model["batch"], seq_len) for model in spec["models"]]
     peaks: list[float] = []
-    seconds: list[list[float]] = [[] for _ in runtimes]
     for _ in range(spec["repeats"]):
-        for runtime, texts, timings in zip(runtimes, inputs, seconds, strict=True):
-            started = time.perf_counter()
+        for runtime, texts in zip(runtimes, inputs, strict=True):
             runtime.embed(texts)
-            timings.append(time.perf_counter() - started)
         peaks.append(status_mb("VmHWM"))
-    one_text_ms = [fastest_ms(runtime, [WORST_CASE_WORD]) for runtime in runtimes]
     for request in sweep_requests(max_batch, seq_len):
         for runtime in runtimes:
             runtime.embed(request)
@@ -191,8 +176,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "max_input_chars": [runtime.max_input_chars for runtime in runtimes],
         "max_request_chars": [runtime.max_request_chars for runtime in runtimes],
         "vmhwm_per_repeat_mb": [round(p, 1) for p in peaks],
-        "run_s": [round(min(t), 4) for t in seconds],  # the fastest repeat, as above
-        "one_text_ms": one_text_ms,
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "forbidden_modules_loaded": leaked,
     }

@@ -26,7 +26,6 @@ def evaluation(delta: float = 0.0, cosine: float = 1.0, overlap: float = 1.0, p5
 
 
 def measured(peak: float, batch: int, worst_case: float, predicted: float, curve: MemoryCurve) -> Measurement:
-    timings = {"configured": {"worst_case_s": 1.0, "one_text_ms": 10.0}}
     return Measurement(
         peak,
         peak,
@@ -42,7 +41,7 @@ def measured(peak: float, batch: int, worst_case: float, predicted: float, curve
         "configured",
         {},
         {"configured": worst_case},
-        timings,
+        {},
     )
 
 
@@ -257,7 +256,7 @@ def test_delays_from_other_work_do_not_make_a_faster_candidate_slower(monkeypatc
     monkeypatch.setattr(ranking, "time", clock)
     faster = DelayedRuntime(clock, 2.0, delayed_every=2, delay_ms=6.0)
     runtimes = {"faster": faster, "steady": DelayedRuntime(clock, 2.5)}
-    timings = ranking.time_interleaved(runtimes, ["text"] * ranking.TEXTS_PER_ROUND)  # type: ignore[arg-type]
+    timings = ranking.time_interleaved(runtimes, ranking.one_text_requests(["text"] * 40))  # type: ignore[arg-type]
     assert timings["faster"] == Timing(2.0, 2.0, 2.0, ROUNDS)
     assert timings["steady"] == Timing(2.5, 2.5, 2.5, ROUNDS)
     assert timings["faster"].faster_than(timings["steady"], min_speedup=1.2)
@@ -284,6 +283,19 @@ def test_a_tie_on_every_criterion_goes_to_the_configured_order() -> None:
     verdicts = select(list(evaluations), evaluations, measurements, Gates(), 464, "lowest_latency", timed(evaluations))
     assert [v.variant for v in verdicts if v.chosen] == ["first"]
     assert verdicts[1].note == "tied with first on speed, memory and fidelity; listed after it"
+
+
+def test_a_fourth_decimal_of_cosine_does_not_decide() -> None:
+    """mpnet's two 8-bit-weight candidates with int8 compute, tied on speed and peak: 0.9997 against
+    0.9998 is a tie (FIDELITY_TIE), so the configured order decides; 0.9990 against 0.9998 is not."""
+    measurements = {"listed-first": measurement(519.3), "listed-second": measurement(519.1)}
+    for first, chosen in ((0.9997, "listed-first"), (0.9990, "listed-second")):
+        evaluations = {"listed-first": evaluation(cosine=first), "listed-second": evaluation(cosine=0.9998)}
+        verdicts = select(
+            list(evaluations), evaluations, measurements, Gates(), 600, "lowest_latency", timed(evaluations)
+        )
+        assert [v.variant for v in verdicts if v.chosen] == [chosen]
+    assert verdicts[0].note == "less faithful: 0.9990 vs listed-second 0.9998"
 
 
 def test_a_changed_approval_names_its_cause() -> None:

@@ -25,6 +25,24 @@ def probe_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def run_fresh(module: str, spec: dict[str, Any], timeout: int, what: str) -> dict[str, Any]:
+    """`python -m module SPEC_JSON` in a fresh interpreter: its last line of output, as JSON."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=probe_env(),
+        cwd=PROJECT_ROOT,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProbeError(f"{what} exited {done.returncode}: {tail}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def run_probe(
     models: list[dict[str, Any]], service: ServiceConfig, repeats: int, request_path: bool = False
 ) -> dict[str, Any]:
@@ -39,19 +57,7 @@ def run_probe(
         "repeats": repeats,
         "request_path": request_path,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "serve.probe", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=probe_env(),
-        cwd=PROJECT_ROOT,
-        timeout=900,
-        check=False,
-    )
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ProbeError(f"memory probe exited {done.returncode}: {tail}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_fresh("serve.probe", spec, timeout=900, what="memory probe")
     if result["forbidden_modules_loaded"]:
         raise ProbeError(f"memory probe imported build-only modules: {result['forbidden_modules_loaded']}")
     return result

@@ -24,7 +24,7 @@ from pipeline.config import Gates
 from pipeline.gates import gate_failures, select
 from pipeline.progress import step
 from pipeline.provenance import machine, versions
-from pipeline.ranking import ROUNDS, TEXTS_PER_ROUND, Timing, time_interleaved
+from pipeline.ranking import ROUNDS, TEXTS_PER_ROUND, Timing, one_text_requests, time_interleaved
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel, Verdict
 from serve.artifacts import (
     APPROVED_FILE,
@@ -214,7 +214,7 @@ class ApproveStage:
                 for name in passing
             }
             with step(f"{context.model.name}: time {len(passing)} passing candidates, interleaved, {ROUNDS} rounds"):
-                found = {name: t.to_json() for name, t in time_interleaved(runtimes, texts).items()}
+                found = {name: t.to_json() for name, t in time_interleaved(runtimes, one_text_requests(texts)).items()}
             context.results.put("ranking", key, found)
         return {name: Timing(**values) for name, values in found.items()}
 
