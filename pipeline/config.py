@@ -139,9 +139,9 @@ class ExportConfig(StrictModel):
 
 
 # Session-option variants the measure stage compares per candidate (overrides of session_options); the
-# lowest worst-case peak of those a model config lists wins. Memory pattern on costs no speed and 20-35%
-# more peak; arena off and prepacking off lower the peak at a cost in speed that varies from build to
-# build (pipeline/stages/measure.py), so they compete only where a config lists them.
+# lowest worst-case peak of those a model config lists wins. Memory pattern on peaks 20-34% higher at
+# about the same speed; arena off and prepacking off lower the peak at a cost in speed that varies from
+# build to build (pipeline/stages/measure.py), so they compete only where a config lists them.
 SessionVariant = Literal["configured", "mem-pattern-on", "arena-off", "prepacking-off"]
 DEFAULT_SESSION_VARIANTS: list[SessionVariant] = ["configured", "mem-pattern-on"]
 SESSION_VARIANTS: dict[SessionVariant, dict[str, bool]] = {

@@ -134,6 +134,7 @@ def rank(
     fastest = min(timings, key=lambda n: timings[n].median_ms) if timings else chosen
     if fastest != chosen and not timings[fastest].faster_than(timings[chosen], min_speedup):
         ratio = timings[chosen].median_ms / timings[fastest].median_ms
-        speed += f", {ratio:.2f}× {fastest}'s {timings[fastest].describe()}: a tie under {min_speedup:g}×"
+        why = f"under {min_speedup:g}×" if ratio < min_speedup else "within the rounds' spread"
+        speed += f", {ratio:.2f}× {fastest}'s {timings[fastest].describe()}: a tie {why}"
     notes[chosen] = f"best by {objective.replace('_', ' ')}{speed}; worst-case peak {rss[chosen]:.1f} MB"
     return chosen, notes

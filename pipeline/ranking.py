@@ -111,9 +111,8 @@ def time_sessions(folder: Path, sessions: dict[str, SessionSettings], limits: Li
     is set as a service worker's, and timed interleaved: on the worst-case input (where arena off pays
     for allocating every run) and on one short text (where prepacking off pays for repacking the weights
     every run). The allocator matters: with glibc's mmap threshold pinned (serve/memory.py), every large
-    buffer arena off frees is unmapped and faulted in again on the next run. MiniLM's fp32 worst case
-    with arena off timed 1.08x configured's in a build process, whose threshold had floated up, and
-    2.1-2.3x in the worker's setting."""
+    buffer arena off frees is unmapped and faulted in again on the next run, where a build process, whose
+    threshold floats up, would reuse it and time arena off as no worker runs it."""
     spec = {
         "folder": str(folder),
         "sessions": {name: settings.model_dump() for name, settings in sessions.items()},

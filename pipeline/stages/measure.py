@@ -118,13 +118,15 @@ class MeasureStage:
         """The session variant with the lowest worst-case peak (the first listed within RSS_TIE of it),
         every listed variant's worst-case probe, and their timings; a candidate that misses a fidelity
         gate gets the first listed only.
-        Speed decides nothing here. Memory pattern on and off run at the same speed (worst case 0.92-1.08x,
-        timed side by side) and differ in peak by 20-35%. Arena off and prepacking off trade speed for
-        memory by amounts that vary with the candidate and the machine's load: arena off 1.07-1.72x on
-        MiniLM's worst case, prepacking off 1.5-6.6x on one text. A threshold on those ratios picked
-        another session in each build whose ratio fell on its other side, and moved the approval's
-        memory figures by 12-17%. So the model config lists the variants it accepts, and the default
-        list holds the two that cost no speed."""
+        Speed decides nothing here. Timed side by side on MiniLM (benchmarks/results/optimize-minilm-
+        2026-12-06*.md), memory pattern on took 0.93-1.16x configured's time on the worst case and
+        0.96-1.43x on one text, and peaked 20-34% higher. Arena off and prepacking off trade speed for
+        memory, by amounts that vary with the candidate and the machine's load: arena off 1.15-1.71x on
+        the worst case, prepacking off up to 34x on one text. A threshold on such ratios picked another
+        session in each build whose ratio fell on its other side, and moved the approval's memory figures
+        by 12-17%. So the model config lists the variants it accepts, and the default list holds the two
+        that are not meant to trade speed for memory.
+        """
         variants = self.variants if full else self.variants[:1]
         worst = context.service.limits.max_batch
         trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
