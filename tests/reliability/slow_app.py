@@ -1,5 +1,6 @@
-"""Test-only WSGI wrapper: the real service plus `/test/sleep?s=N` (a request slower than any timeout)
-and `/test/hold?mb=N` (a request that leaves N MB resident, as a leak would).
+"""Test-only WSGI wrapper: the real service plus `/test/sleep?s=N` (a request slower than any timeout;
+with `&mark=PATH` it first creates PATH, so a test knows the worker has it) and `/test/hold?mb=N` (a
+request that leaves N MB resident, as a leak would).
 
 Kept out of serve/ so no deployed code path can sleep or hold memory on request.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,6 +24,8 @@ def create_app() -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[byte
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         if environ.get("PATH_INFO") == "/test/sleep":
+            if "mark" in query:
+                Path(query["mark"][0]).touch()
             time.sleep(float(query.get("s", ["1"])[0]))
             start_response("200 OK", [("Content-Type", "application/json")])
             return [b'{"slept": true}']

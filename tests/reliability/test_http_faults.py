@@ -21,6 +21,14 @@ pytestmark = pytest.mark.reliability
 SLOW_APP = "tests.reliability.slow_app:create_app()"
 
 
+def wait_for(mark: Path, timeout: float = 30.0) -> None:
+    """Until the slow app has created `mark` (it has the request): a fixed sleep is too short on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        assert time.monotonic() < deadline, f"the worker never took the request ({mark})"
+        time.sleep(0.02)
+
+
 def raw_request(port: int, data: bytes) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -93,12 +101,13 @@ def test_watchdog_recycles_a_worker_over_its_proven_peak(tiny_run: TinyRun) -> N
         assert "recycling after this request" in service.log()
 
 
-def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_run: TinyRun) -> None:
+def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_run: TinyRun, tmp_path: Path) -> None:
     service = GunicornService(tiny_run.service, env={"GRACEFUL_TIMEOUT": "10"}, app=SLOW_APP).start()
     replies: list[Response] = []
-    worker = threading.Thread(target=lambda: replies.append(service.request("GET", "/test/sleep?s=2")))
+    mark = tmp_path / "taken"
+    worker = threading.Thread(target=lambda: replies.append(service.request("GET", f"/test/sleep?s=2&mark={mark}")))
     worker.start()
-    time.sleep(0.5)
+    wait_for(mark)  # the request is in flight
     assert service.process is not None
     started = time.monotonic()
     service.process.send_signal(signal.SIGTERM)
@@ -122,16 +131,20 @@ def test_a_worker_keeps_its_exit_code_so_a_broken_app_stops_the_master(tiny_run:
     assert "exited with code 4" in process.stderr and "App failed to load" in process.stderr
 
 
-def test_a_connection_opened_while_the_worker_stops_is_served_by_the_next_worker(tiny_run: TinyRun) -> None:
+def test_a_connection_opened_while_the_worker_stops_is_served_by_the_next_worker(
+    tiny_run: TinyRun, tmp_path: Path
+) -> None:
     """A worker that is about to recycle (MAX_REQUESTS, or the watchdog) still polls its listener until its
     last request ends. A client that connects meanwhile and sends a moment later must get an answer from
     the next worker, not a closed connection."""
     env = {"MAX_REQUESTS": "1", "MAX_REQUESTS_JITTER": "0"}
+    mark = tmp_path / "taken"
     with GunicornService(tiny_run.service, env=env, app=SLOW_APP) as service:
         old = service.worker_pids()[0]
-        last = threading.Thread(target=lambda: service.request("GET", "/test/sleep?s=2", timeout=30))
+        path = f"/test/sleep?s=3&mark={mark}"
+        last = threading.Thread(target=lambda: service.request("GET", path, timeout=30))
         last.start()
-        time.sleep(0.5)  # the worker has taken its last request and is stopping after it
+        wait_for(mark)  # the worker has taken its last request and is stopping after it
         with socket.create_connection(("127.0.0.1", service.port), timeout=30) as late:
             time.sleep(0.3)  # connected, request not yet sent
             late.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
