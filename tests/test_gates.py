@@ -231,7 +231,7 @@ def test_a_tie_beyond_the_margin_but_within_the_spread_says_so() -> None:
 
 def test_a_busy_machine_s_spread_does_not_hide_a_gap_whose_rounds_never_meet() -> None:
     """Recorded by a fresh clone's `make optimize` sharing 2 cores with CI and an mpnet build: every
-    candidate's one-text rounds spread over 14-66 ms, wider than the 5.6x gap to plain 8-bit weights,
+    candidate's one-text rounds spread over 15-66 ms, wider than the 5.6x gap to plain 8-bit weights,
     so the spread alone tied them all and plain 8-bit weights won on peak (within 2%) and fidelity.
     Their fastest round (32.02 ms) is slower than every other candidate's slowest: slower, beyond doubt."""
     recorded = {
