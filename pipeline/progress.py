@@ -1,4 +1,4 @@
-"""Progress output for long stages: a bar for loops (on a terminal), a timed line for single steps."""
+"""Progress output for long stages: a bar for loops (off a terminal, a line every 30 s), a timed line per step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,8 +15,24 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
+LOG_INTERVAL_S = 30.0  # off a terminal, at most one progress line this often
+
+
 def bar(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, mininterval=1.0, disable=None)
+    """A bar on a terminal. Elsewhere (a CI log, `make optimize > log`) a bar is unreadable, and none
+    would leave mpnet's evaluation (32 min on a shared machine) silent: a line at most every LOG_INTERVAL_S instead."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False, mininterval=1.0)
+        return
+    count = total if total is not None else len(items) if isinstance(items, Sized) else None
+    started = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= LOG_INTERVAL_S:
+            last = now
+            of = f" of {count} ({done / count:.0%})" if count else ""
+            print(f"memfit: {description}: {done}{of}, {now - started:.0f} s", file=sys.stderr, flush=True)
 
 
 @dataclass
