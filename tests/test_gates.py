@@ -360,3 +360,34 @@ def test_a_changed_approval_names_its_cause() -> None:
     assert approval_change(older, "wo8", verdicts).endswith(  # type: ignore[union-attr]
         f"; versions changed: onnxruntime 1.31.0 -> {versions()['onnxruntime']}"
     )
+
+
+def test_only_the_candidates_approval_ranks_first_are_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fastest candidate is proven first; its proof is over the share, so it fails that gate and the
+    next in the ranking is proven and chosen. The slowest is never proven: its proof could not change
+    the choice, and the report shows it unproven."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pipeline.stages.prove import ProveStage
+    from pipeline.state import BuildState, Candidate
+
+    evaluations = {"fast": evaluation(p50=2.0), "middle": evaluation(p50=4.0), "slow": evaluation(p50=9.0)}
+    unproven = {name: replace(measurement(200.0), request_path=None) for name in evaluations}
+    proven_peaks = {"fast": 480.0, "middle": 300.0, "slow": 250.0}
+    proved: list[str] = []
+
+    def prove(context: object, candidate: Candidate, measured: Measurement) -> Measurement:
+        proved.append(candidate.variant)
+        return replace(measured, peak_rss_mb=proven_peaks[candidate.variant], request_path={"statuses": {}})
+
+    candidates = tuple(Candidate(name, Path(name), {}, 1.0) for name in evaluations)
+    context = SimpleNamespace(model=SimpleNamespace(name="m", candidates=list(evaluations)), share_mb=464.0)
+    state = BuildState(candidates=candidates, evaluations=evaluations, measurements=unproven)
+    stage = ProveStage(SimpleNamespace(prove=prove), Gates(), "lowest_latency", 1.5)  # type: ignore[arg-type]
+    monkeypatch.setattr(ProveStage, "timings", lambda self, context, state, passing: timed(evaluations, 0.01))
+    result = stage.run(context, state)  # type: ignore[arg-type]
+    assert proved == ["fast", "middle"]
+    assert [v.variant for v in result.verdicts if v.chosen] == ["middle"]
+    assert result.verdicts[0].failures == ("peak RSS 480 MB > share 464 MB at 32x128 tokens",)
+    assert result.measurements["slow"].request_path is None and result.measurements["middle"].peak_rss_mb == 300.0

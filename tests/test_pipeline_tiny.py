@@ -88,7 +88,7 @@ def test_report_lists_every_candidate_with_a_verdict(tiny_run: TinyRun) -> None:
             "wo8-matmul-b32-int8-compute",
         ]
         assert sum(row["verdict"] == "approved" for row in model["candidates"]) == 1
-        stages = {"data", "load", "export", "candidates", "evaluate", "measure", "approve"}
+        stages = {"data", "load", "export", "candidates", "evaluate", "measure", "prove", "approve"}
         assert set(model["stage_seconds"]) == stages and all(s >= 0 for s in model["stage_seconds"].values())
     assert report["service_fit"]["seconds"] > 0
     markdown = (tiny_run.artifacts / "report.md").read_text()

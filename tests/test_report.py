@@ -15,7 +15,7 @@ def row(variant: str, cosine: float, overlap: float, verdict: str, reason: str, 
         "overlap_at_10": overlap,
         "agreement": None,
         "p50_ms": p50,
-        "peak_rss_mb": 300.0,
+        "worst_case_peak_mb": 300.0,
         "verdict": verdict,
         "reason": reason,
     }

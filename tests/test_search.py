@@ -268,6 +268,8 @@ def test_the_proof_steps_the_micro_batch_down_until_the_request_path_fits(monkey
         }
 
     monkeypatch.setattr(MeasureStage, "probe", probe)
-    measurement = stage.measure(context, None, full=True)  # type: ignore[arg-type]
+    measured = stage.measure(context, None, full=True)  # type: ignore[arg-type]
+    assert proofs == [] and measured.batch == 5 and measured.request_path is None
+    measurement = stage.prove(context, None, measured)  # type: ignore[arg-type]
     assert proofs == [5, 2, 1]
     assert measurement.batch == 1 and measurement.peak_rss_mb == 150.0 and measurement.model_run_peak_mb == 110.0

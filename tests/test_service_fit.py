@@ -3,11 +3,20 @@ run at which more workers are predicted to fit."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 
-from pipeline.memory.service_fit import OVERSHOOT_FACTOR, Activations, after_overshoot, counted_peak, line, tokens_for
+from pipeline.memory.service_fit import (
+    OVERSHOOT_FACTOR,
+    Activations,
+    accept_queue,
+    after_overshoot,
+    counted_peak,
+    line,
+    tokens_for,
+)
 
 # One model proven at 32 × 128 tokens per run, 27.8 MB per 1,000 tokens (MiniLM's measured curve).
 MINILM = Activations(((4096, 0.0278),), 128)
@@ -48,3 +57,18 @@ def test_a_count_over_the_budget_is_measured_again_at_least_its_overshoot_lower(
     assert MINILM.saved_mb(fewer) - MINILM.saved_mb(3072) >= aim
     assert MINILM.saved_mb(fewer + 128) - MINILM.saved_mb(3072) < aim  # and no more than that
     assert after_overshoot({**over, "pss_peak_mb": 512.0 + 600.0}, 15.0, MINILM, 512) is None
+
+
+def test_the_accept_queue_counts_connections_no_worker_has_taken_yet() -> None:
+    """The load releases its held bodies once the queue is empty, i.e. every worker holds one."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        assert accept_queue(port) == 3
+        accepted = [listener.accept()[0] for _ in range(3)]
+        assert accept_queue(port) == 0
+        for connection in [*clients, *accepted]:
+            connection.close()
+    assert accept_queue(port) is None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # a few rows less saved 15–90% of what the curve's slope predicts, so aiming at the overshoot alone took
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
-RELEASE_DELAY_S = 0.3  # for every worker to accept its held connection before the bodies complete
+ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
 FIT_VERSION = 1  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
@@ -85,7 +86,6 @@ def held_request(port: int, method: str, path: str, body: bytes, release: thread
         with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
             sock.sendall(raw[:-1])
             release.wait(timeout=120)
-            time.sleep(RELEASE_DELAY_S)
             sock.sendall(raw[-1:])
             answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
     except (OSError, threading.BrokenBarrierError):
@@ -95,9 +95,33 @@ def held_request(port: int, method: str, path: str, body: bytes, release: thread
     return (int(head.split(b" ", 2)[1]), content) if head.startswith(b"HTTP/") else (599, b"")
 
 
+def accept_queue(port: int) -> int | None:
+    """Connections waiting to be accepted on 127.0.0.1:`port`: Linux shows a listening socket's accept
+    queue as its rx_queue in /proc/net/tcp. None when no such listener can be read."""
+    address = f"{int.from_bytes(socket.inet_aton('127.0.0.1'), sys.byteorder):08X}:{port:04X}"
+    try:
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    except OSError:
+        return None
+    listening = [row for row in rows if row[1] == address and row[3] == "0A"]
+    return int(listening[0][4].split(":")[1], 16) if listening else None
+
+
+def wait_until_accepted(port: int) -> None:
+    """Until no connection waits in the accept queue: with one connection per worker, every worker then
+    holds one. Where the queue cannot be read, ACCEPT_WAIT_S is waited out instead."""
+    deadline = time.monotonic() + ACCEPT_WAIT_S
+    while time.monotonic() < deadline:
+        waiting = accept_queue(port)
+        if waiting == 0:
+            return
+        time.sleep(0.005 if waiting is not None else ACCEPT_WAIT_S)
+
+
 def lockstep(port: int, workers: int, method: str, path: str, body: bytes) -> list[tuple[int, bytes]]:
-    """One request per worker, released together (each worker holds one connection at a time)."""
-    release = threading.Barrier(workers)
+    """One request per worker, released together once every worker has accepted its connection (each
+    worker holds one connection at a time)."""
+    release = threading.Barrier(workers, action=lambda: wait_until_accepted(port))
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda _: held_request(port, method, path, body, release), range(workers)))
 

@@ -29,14 +29,17 @@ def default_pipeline(context: BuildContext) -> list[Stage]:
     from pipeline.stages.export import ExportStage
     from pipeline.stages.load import LoadStage
     from pipeline.stages.measure import MeasureStage
+    from pipeline.stages.prove import ProveStage
 
     model = context.model
+    measure = MeasureStage(model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates)
     return [
         DataStage(model.eval),
         LoadStage(model.source),
         ExportStage(model.export),
         CandidatesStage(tuple(model.candidates), model.gates, model.eval.calibration_size),
         EvaluateStage(model.eval),
-        MeasureStage(model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates),
-        ApproveStage(model.gates, model.objective, model.min_speedup),
+        measure,
+        ProveStage(measure, model.gates, model.objective, model.min_speedup),
+        ApproveStage(model.gates),
     ]

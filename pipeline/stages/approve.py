@@ -1,4 +1,4 @@
-"""Fail-closed approval: apply the gates, pick one candidate, and publish it atomically.
+"""Fail-closed approval: publish the candidate pipeline/stages/prove.py chose, atomically.
 
 The variant folder is written to a temp dir and renamed into place; only then is a pending pointer
 written beside approved.json. `memfit optimize` measures the whole service on the pending approvals and
@@ -19,12 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir, json_bytes, remove_leftovers, write_bytes_atomic
-from pipeline.cache import cache_key
 from pipeline.config import Gates
-from pipeline.gates import gate_failures, select
-from pipeline.progress import step
 from pipeline.provenance import machine, versions
-from pipeline.ranking import ROUNDS, TEXTS_PER_ROUND, Timing, one_text_requests, time_interleaved
 from pipeline.state import BuildContext, BuildState, Candidate, Evaluation, Measurement, SourceModel, Verdict
 from serve.artifacts import (
     APPROVED_FILE,
@@ -37,13 +33,11 @@ from serve.artifacts import (
     sha256_bytes,
     sha256_file,
 )
-from serve.config import SessionSettings
 from serve.onnx_refs import check_external_data
 from serve.prepacked import PREPACKED_MODEL, PREPACKED_STAMP, prepacked_files
-from serve.runtime import MODEL_FILE, TOKENIZER_FILE, ModelRuntime
+from serve.runtime import MODEL_FILE, TOKENIZER_FILE
 
 ARTIFACT_FILES = (MODEL_FILE, TOKENIZER_FILE, RUNTIME_FILE)
-RANKING_VERSION = 2  # bump when the timing changes: cached rankings keyed on it are then redone
 KEEP_VARIANTS = 2  # the new approval and the one it replaced (for rollback)
 
 
@@ -182,59 +176,16 @@ def prune(model_dir: Path, keep: Path) -> None:
 @dataclass(frozen=True)
 class ApproveStage:
     gates: Gates
-    objective: str
-    min_speedup: float
     name: str = "approve"
-
-    def timings(self, context: BuildContext, state: BuildState, passing: list[str]) -> dict[str, Timing]:
-        """The passing candidates timed together, interleaved, with the session options each ships with;
-        cached on their model bytes and options, so a rerun decides as the first run did."""
-        if len(passing) < 2:
-            return {}
-        measurements: dict[str, Measurement] = state.require("measurements")
-        folders = {c.variant: c.folder for c in state.candidates}
-        texts = list(state.require("dataset").test.texts[:TEXTS_PER_ROUND])
-        key = cache_key(
-            version=RANKING_VERSION,
-            candidates={n: [sha256_file(folders[n] / MODEL_FILE), measurements[n].session_options] for n in passing},
-            texts=texts,
-            rounds=ROUNDS,
-        )
-        found = context.results.get("ranking", key)
-        if found is None:
-            limits = context.service.limits
-            runtimes = {
-                name: ModelRuntime(
-                    folders[name],
-                    SessionSettings.model_validate(measurements[name].session_options),
-                    limits.max_seq_len,
-                    measurements[name].batch * limits.max_seq_len,
-                    limits.max_batch,
-                )
-                for name in passing
-            }
-            with step(f"{context.model.name}: time {len(passing)} passing candidates, interleaved, {ROUNDS} rounds"):
-                found = {name: t.to_json() for name, t in time_interleaved(runtimes, one_text_requests(texts)).items()}
-            context.results.put("ranking", key, found)
-        return {name: Timing(**values) for name, values in found.items()}
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
         source: SourceModel = state.require("source")
         evaluations: dict[str, Evaluation] = state.require("evaluations")
         measurements: dict[str, Measurement] = state.require("measurements")
-        eligible = [c.variant for c in state.candidates if c.variant in context.model.candidates]
-        passing = [
-            name
-            for name in eligible
-            if not gate_failures(evaluations[name], measurements[name], self.gates, context.share_mb)
-        ]
-        timings = self.timings(context, state, passing)
-        verdicts = select(
-            eligible, evaluations, measurements, self.gates, context.share_mb, self.objective, timings, self.min_speedup
-        )
+        verdicts: tuple[Verdict, ...] = state.require("verdicts")
         chosen = next((v.variant for v in verdicts if v.chosen), None)
         if chosen is None:
-            return replace(state, verdicts=verdicts)
+            return state
         candidate = next(c for c in state.candidates if c.variant == chosen)
         try:
             previous: dict[str, Any] | None = load_approved(context.artifacts_dir, verify=False).manifest
@@ -255,4 +206,4 @@ class ApproveStage:
             load_approved(context.artifacts_dir, pending=True)
         except ArtifactError as exc:  # pragma: no cover - would mean the write itself is broken
             raise RuntimeError(f"freshly approved artifact does not verify: {exc}") from exc
-        return replace(state, verdicts=verdicts, approved=folder)
+        return replace(state, approved=folder)

@@ -6,12 +6,15 @@ A candidate that meets the fidelity gates is measured at its worst-case input (m
 max_seq_len) under each listed session-option variant, and the lowest peak picks the variant (the first
 listed on a tie). The variants are also timed side by side (pipeline/ranking.py), for the report: the
 timings decide nothing, because the variants that cost speed cost it by amounts that sit either side
-of any threshold from one build to the next (see `pick_variant`). A few more batch sizes fit the
-memory curve. If the worst case does not fit the share, the curve gives `max_tokens_per_run`,
-verified by a real measurement (and stepped down until the measurement fits); the service then runs
-every request in micro-batches of at most that many tokens, so the proven peak holds for any accepted
-request. A candidate that misses a fidelity gate cannot be approved: it is measured once, at the worst
-case, for the report. Probe results are cached, each keyed by what its process is given.
+of any threshold from one build to the next (see `pick_variant`). If the worst case does not fit the
+share, a few more batch sizes fit the memory curve, which gives `max_tokens_per_run`, verified by a
+real measurement (and stepped down until the measurement fits); the service then runs every request
+in micro-batches of at most that many tokens. A candidate that misses a fidelity gate cannot be
+approved: it is measured once, at the worst case, for the report.
+
+The proof (`prove`: the micro-batch's model runs, then the service's largest bodies through its request
+path) is the costliest probe; pipeline/stages/prove.py asks for it only for the candidates approval
+ranks first. Probe results are cached, each keyed by what its process is given.
 """
 
 from __future__ import annotations
@@ -135,49 +138,70 @@ class MeasureStage:
         timed = self.session_timings(context, candidate) if len(variants) > 1 else {}
         return variant, trials, timed
 
+    def curve(self, context: BuildContext, candidate: Candidate, options: dict[str, Any]) -> MemoryCurve:
+        """Peaks at a few batch sizes of full-length rows, fitted as a line (pipeline/memory/curve.py)."""
+        seq_len = context.service.limits.max_seq_len
+        rows = curve_batches(context.service.limits.max_batch)
+        points = [(r * seq_len, self.probe(context, candidate, options, r)["vmhwm_mb"]) for r in rows]
+        return MemoryCurve.fit(points)
+
     def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
+        """The session variant, the worst case and, where the worst case is over the share, the curve
+        and the largest micro-batch whose model runs fit it (stepped down while a measurement is over).
+        No proof: `prove` adds it for the candidates approval ranks first (pipeline/stages/prove.py)."""
         limits = context.service.limits
         share = context.share_mb
-        worst = limits.max_batch
         variant, trials, timed = self.pick_variant(context, candidate, full)
-        results = {worst: trials[variant]}
         options = self.options(variant)
-        curve = None
-        rows = worst
-        if full:
-            for batch in curve_batches(worst):
-                results[batch] = results.get(batch) or self.probe(context, candidate, options, batch)
-            curve = MemoryCurve.fit(sorted((r * limits.max_seq_len, res["vmhwm_mb"]) for r, res in results.items()))
-            if results[worst]["vmhwm_mb"] > share:
-                rows = max(1, curve.rows_within(share, limits.max_seq_len, worst))
-                results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
-                while rows > 1 and results[rows]["vmhwm_mb"] > share:  # the fit was optimistic: measure less
-                    rows -= 1
-                    results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
-        chosen = results[rows]
-        if full:  # the proof: the chosen micro-batch, then the largest bodies the service accepts
-            chosen = self.probe(context, candidate, options, rows, proof=True)
-            while chosen["vmhwm_mb"] > share and rows > 1 and curve is not None:  # fewer rows until it fits
-                request_path_mb = chosen["vmhwm_mb"] - results[rows]["vmhwm_mb"]
-                rows = max(1, curve.rows_within(share - request_path_mb, limits.max_seq_len, rows - 1))
-                results[rows] = results.get(rows) or self.probe(context, candidate, options, rows)
-                chosen = self.probe(context, candidate, options, rows, proof=True)
+        rows, curve = limits.max_batch, None
+        if full and trials[variant]["vmhwm_mb"] > share:
+            curve = self.curve(context, candidate, options)
+            rows = max(1, curve.rows_within(share, limits.max_seq_len, rows))
+            while rows > 1 and self.probe(context, candidate, options, rows)["vmhwm_mb"] > share:
+                rows -= 1  # the fit was optimistic: measure less
+        model_runs = self.probe(context, candidate, options, rows)
         return Measurement(
-            peak_rss_mb=chosen["vmhwm_mb"],
-            model_run_peak_mb=results[rows]["vmhwm_mb"],
-            request_path=request_path_figures(chosen),
-            ru_maxrss_mb=chosen["ru_maxrss_mb"],
-            rss_after_imports_mb=chosen["rss_after_imports_mb"],
-            rss_after_load_mb=chosen["rss_after_load_mb"],
+            peak_rss_mb=model_runs["vmhwm_mb"],
+            model_run_peak_mb=model_runs["vmhwm_mb"],
+            request_path=None,
+            ru_maxrss_mb=model_runs["ru_maxrss_mb"],
+            rss_after_imports_mb=model_runs["rss_after_imports_mb"],
+            rss_after_load_mb=model_runs["rss_after_load_mb"],
             batch=rows,
             seq_len=limits.max_seq_len,
-            worst_case_peak_mb=results[worst]["vmhwm_mb"],
+            worst_case_peak_mb=trials[variant]["vmhwm_mb"],
             predicted_peak_mb=None if curve is None else round(curve.predict(rows * limits.max_seq_len), 1),
             curve=curve,
             session_variant=variant,
             session_options=options,
             session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
             session_timings=timings_json(timed),
+        )
+
+    def prove(self, context: BuildContext, candidate: Candidate, measured: Measurement) -> Measurement:
+        """The proof: the micro-batch's model runs, then the largest bodies the service accepts; while it
+        is over the share, fewer rows (the curve less the request path's part as measured) and again."""
+        limits = context.service.limits
+        share = context.share_mb
+        options = measured.session_options
+        curve = measured.curve or self.curve(context, candidate, options)
+        rows = measured.batch
+        proof = self.probe(context, candidate, options, rows, proof=True)
+        while proof["vmhwm_mb"] > share and rows > 1:
+            request_path_mb = proof["vmhwm_mb"] - self.probe(context, candidate, options, rows)["vmhwm_mb"]
+            rows = max(1, curve.rows_within(share - request_path_mb, limits.max_seq_len, rows - 1))
+            proof = self.probe(context, candidate, options, rows, proof=True)
+        return replace(
+            measured,
+            peak_rss_mb=proof["vmhwm_mb"],
+            model_run_peak_mb=self.probe(context, candidate, options, rows)["vmhwm_mb"],
+            request_path=request_path_figures(proof),
+            ru_maxrss_mb=proof["ru_maxrss_mb"],
+            rss_after_imports_mb=proof["rss_after_imports_mb"],
+            rss_after_load_mb=proof["rss_after_load_mb"],
+            batch=rows,
+            predicted_peak_mb=round(curve.predict(rows * limits.max_seq_len), 1),
+            curve=curve,
         )
 
     def run(self, context: BuildContext, state: BuildState) -> BuildState:
