@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pipeline.config import MIN_SPEEDUP, Gates
 from pipeline.fidelity import Fidelity
@@ -67,9 +68,10 @@ def select(
     passing = [v.variant for v in verdicts if v.passed]
     if not passing:
         return tuple(verdicts)
-    chosen, notes = rank(passing, evaluations, measurements, objective, timings, min_speedup)
+    chosen, notes, deciders = rank(passing, evaluations, measurements, objective, timings, min_speedup)
     return tuple(
-        Verdict(v.variant, v.failures, chosen=v.variant == chosen, note=notes.get(v.variant, "")) for v in verdicts
+        replace(v, chosen=v.variant == chosen, note=notes.get(v.variant, ""), decides=v.variant in deciders)
+        for v in verdicts
     )
 
 
@@ -89,19 +91,22 @@ def rank(
     objective: str,
     timings: dict[str, Timing],
     min_speedup: float,
-) -> tuple[str, dict[str, str]]:
-    """The chosen candidate and a note per candidate. Criteria in turn, each keeping only the candidates
-    tied with the best: speed (pipeline/ranking.py: less than `min_speedup` times as fast, or within the spread
-    of interleaved rounds), worst-case peak (within RSS_TIE; memory is compared on the same input for all: a
-    candidate that fits only with smaller micro-batches shows a low peak there, yet needs more memory for the
-    same work), fidelity (within FIDELITY_TIE); then the configured order. `objective` says whether speed or
-    memory comes first."""
+) -> tuple[str, dict[str, str], set[str]]:
+    """The chosen candidate, a note per candidate, and the deciders: the candidate each applied criterion
+    measured the others against (the fastest, the lowest peak, the most faithful). Criteria in turn, each
+    keeping only the candidates tied with the best: speed (pipeline/ranking.py: less than `min_speedup`
+    times as fast, or within the spread of interleaved rounds), worst-case peak (within RSS_TIE; memory is
+    compared on the same input for all: a candidate that fits only with smaller micro-batches shows a low
+    peak there, yet needs more memory for the same work), fidelity (within FIDELITY_TIE); then the
+    configured order. `objective` says whether speed or memory comes first."""
     notes: dict[str, str] = {}
+    deciders: set[str] = set()
     rss = {name: measurements[name].worst_case_peak_mb for name in passing}
     score = {name: fidelity_score(evaluations[name]) for name in passing}
 
     def by_speed(names: list[str]) -> list[str]:
         fastest = min(names, key=lambda n: timings[n].median_ms)
+        deciders.add(fastest)
         for name in names:
             if timings[fastest].faster_than(timings[name], min_speedup):
                 notes[name] = f"slower: {timings[name].describe()} vs {fastest} {timings[fastest].describe()}"
@@ -109,6 +114,7 @@ def rank(
 
     def by_memory(names: list[str]) -> list[str]:
         lowest = min(names, key=lambda n: rss[n])
+        deciders.add(lowest)
         for name in names:
             if rss[name] > rss[lowest] * (1 + RSS_TIE):
                 notes[name] = f"worst-case peak {rss[name]:.1f} MB vs {lowest} {rss[lowest]:.1f} MB"
@@ -116,6 +122,7 @@ def rank(
 
     def by_fidelity(names: list[str]) -> list[str]:
         best = max(names, key=lambda n: score[n])
+        deciders.add(best)
         for name in names:
             if score[name] < score[best] - FIDELITY_TIE:
                 notes[name] = f"less faithful: {score[name]:.4f} vs {best} {score[best]:.4f}"
@@ -137,4 +144,4 @@ def rank(
         why = f"under {min_speedup:g}×" if ratio < min_speedup else "within the rounds' spread"
         speed += f", {ratio:.2f}× {fastest}'s {timings[fastest].describe()}: a tie {why}"
     notes[chosen] = f"best by {objective.replace('_', ' ')}{speed}; worst-case peak {rss[chosen]:.1f} MB"
-    return chosen, notes
+    return chosen, notes, deciders

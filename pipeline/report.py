@@ -207,8 +207,9 @@ def markdown(report: dict[str, Any]) -> str:
         "the whole worst-case input in one run; tokens/run: the micro-batch the service runs, the largest "
         "that fits the share (model runs measured there, the fitted curve's prediction in brackets). "
         "Proven peak: that micro-batch, then the largest bodies the service accepts in their nastiest forms "
-        "through the service's request path, TRUNCATE off and on (measured for the approved candidate and "
-        "any ranked above it whose proof missed the share: the ranking does not depend on it).",
+        "through the service's request path, TRUNCATE off and on (measured for the approved candidate, "
+        "the candidates the ranking measured others against, and any ranked above it whose proof missed "
+        "the share).",
         f"Machine: {report['machine']['cpus']} x {report['machine']['cpu']}; its int8 products "
         + (
             "saturate at 8 bits (no VNNI): int8 weights are built with 7."

@@ -132,6 +132,7 @@ class Verdict:
     failures: tuple[str, ...]
     chosen: bool = False
     note: str = ""  # for a passing candidate: why it was chosen or which criterion set it aside
+    decides: bool = False  # a criterion of the ranking measured the others against this one
 
     @property
     def passed(self) -> bool:

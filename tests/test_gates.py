@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -362,32 +363,54 @@ def test_a_changed_approval_names_its_cause() -> None:
     )
 
 
-def test_only_the_candidates_approval_ranks_first_are_proven(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fastest candidate is proven first; its proof is over the share, so it fails that gate and the
-    next in the ranking is proven and chosen. The slowest is never proven: its proof could not change
-    the choice, and the report shows it unproven."""
+def prove_stage_run(
+    monkeypatch: pytest.MonkeyPatch,
+    evaluations: dict[str, Evaluation],
+    worst_case_mb: dict[str, float],
+    proven_mb: dict[str, float],
+) -> tuple[list[str], Any]:
+    """The prove stage over candidates with these p50s (`evaluations`), worst-case peaks and proofs (the
+    proof is the only probe it makes); the candidates it proved, in order, and its resulting state."""
     from pathlib import Path
     from types import SimpleNamespace
 
     from pipeline.stages.prove import ProveStage
     from pipeline.state import BuildState, Candidate
 
-    evaluations = {"fast": evaluation(p50=2.0), "middle": evaluation(p50=4.0), "slow": evaluation(p50=9.0)}
-    unproven = {name: replace(measurement(200.0), request_path=None) for name in evaluations}
-    proven_peaks = {"fast": 480.0, "middle": 300.0, "slow": 250.0}
+    unproven = {name: replace(measurement(worst_case_mb[name]), request_path=None) for name in evaluations}
     proved: list[str] = []
 
     def prove(context: object, candidate: Candidate, measured: Measurement) -> Measurement:
         proved.append(candidate.variant)
-        return replace(measured, peak_rss_mb=proven_peaks[candidate.variant], request_path={"statuses": {}})
+        return replace(measured, peak_rss_mb=proven_mb[candidate.variant], request_path={"statuses": {}})
 
     candidates = tuple(Candidate(name, Path(name), {}, 1.0) for name in evaluations)
     context = SimpleNamespace(model=SimpleNamespace(name="m", candidates=list(evaluations)), share_mb=464.0)
     state = BuildState(candidates=candidates, evaluations=evaluations, measurements=unproven)
     stage = ProveStage(SimpleNamespace(prove=prove), Gates(), "lowest_latency", 1.5)  # type: ignore[arg-type]
     monkeypatch.setattr(ProveStage, "timings", lambda self, context, state, passing: timed(evaluations, 0.01))
-    result = stage.run(context, state)  # type: ignore[arg-type]
+    return proved, stage.run(context, state)  # type: ignore[arg-type]
+
+
+def test_only_the_candidates_approval_ranks_first_are_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fastest candidate is proven first; its proof is over the share, so it fails that gate and the
+    next in the ranking is proven and chosen. The slowest is never proven: its proof could not change
+    the choice, and the report shows it unproven."""
+    evaluations = {"fast": evaluation(p50=2.0), "middle": evaluation(p50=4.0), "slow": evaluation(p50=9.0)}
+    peaks = {"fast": 200.0, "middle": 200.0, "slow": 200.0}
+    proved, result = prove_stage_run(monkeypatch, evaluations, peaks, {"fast": 480.0, "middle": 300.0, "slow": 250.0})
     assert proved == ["fast", "middle"]
     assert [v.variant for v in result.verdicts if v.chosen] == ["middle"]
     assert result.verdicts[0].failures == ("peak RSS 480 MB > share 464 MB at 32x128 tokens",)
     assert result.measurements["slow"].request_path is None and result.measurements["middle"].peak_rss_mb == 300.0
+
+
+def test_a_candidate_that_sets_a_bar_is_proven_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`u` is the fastest: its 1.5x bar sets `y` aside, and `x` (within it, less memory) wins. But `u`'s
+    proof is over the share; without `u`, `y` is within 1.5x of `x` and has the least memory. Proving
+    only the chosen `x` would approve it; proving the bar-setter too gives what proving all would."""
+    evaluations = {"u": evaluation(p50=1.0), "x": evaluation(p50=1.2), "y": evaluation(p50=1.6)}
+    worst = {"u": 300.0, "x": 250.0, "y": 200.0}
+    proved, result = prove_stage_run(monkeypatch, evaluations, worst, {"u": 480.0, "x": 300.0, "y": 260.0})
+    assert proved == ["u", "x", "y"]
+    assert [v.variant for v in result.verdicts if v.chosen] == ["y"]

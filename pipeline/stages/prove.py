@@ -6,9 +6,11 @@ truncated run the model at its micro-batch twenty times. Only the published cand
 candidate ranked above it whose proof then misses the share. So the candidates that pass every gate on
 their model runs are ranked (pipeline/gates.py), the first is proven, and when its proof is over the
 share it fails that gate and the rest are ranked again, until one proof fits or none is left. The
-ranking does not depend on the proofs (speed, worst-case peak, fidelity), so the choice is the one that
-proving every candidate would make; the others keep their model-run figures and the report shows them
-unproven.
+ranking does not read the proofs (speed, worst-case peak, fidelity), but a candidate can still sway it
+by being the one a criterion measures the others against (the fastest sets the 1.5× bar), so those
+deciders are proven too. Once the chosen candidate and every decider are proven within the share, the
+choice is the one that proving every candidate would make: the others' absence could not change which
+candidates clear each bar. They keep their model-run figures and the report shows them unproven.
 """
 
 from __future__ import annotations
@@ -90,9 +92,17 @@ class ProveStage:
                 timings,
                 self.min_speedup,
             )
-            chosen = next((v.variant for v in verdicts if v.chosen), None)
-            if chosen is None or measurements[chosen].request_path is not None:
+            unproven = [
+                c
+                for v in verdicts
+                if (v.chosen or v.decides) and measurements[v.variant].request_path is None
+                for c in state.candidates
+                if c.variant == v.variant
+            ]
+            if not unproven:
                 return replace(state, measurements=measurements, verdicts=verdicts)
-            candidate = next(c for c in state.candidates if c.variant == chosen)
-            with step(f"{context.model.name}: prove {chosen} through the request path"):
-                measurements[chosen] = self.measure.prove(context, candidate, measurements[chosen])
+            for candidate in unproven:
+                with step(f"{context.model.name}: prove {candidate.variant} through the request path"):
+                    measurements[candidate.variant] = self.measure.prove(
+                        context, candidate, measurements[candidate.variant]
+                    )
