@@ -13,8 +13,8 @@ in micro-batches of at most that many tokens. A candidate that misses a fidelity
 approved: it is measured once, at the worst case, for the report.
 
 The proof (`prove`: the micro-batch's model runs, then the service's largest bodies through its request
-path) is the costliest probe; pipeline/stages/prove.py asks for it only for the candidates approval
-ranks first. Probe results are cached, each keyed by what its process is given.
+path) is the costliest probe; pipeline/stages/prove.py asks for it only for the candidates the choice
+depends on. Probe results are cached, each keyed by what its process is given.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class MeasureStage:
     def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
         """The session variant, the worst case and, where the worst case is over the share, the curve
         and the largest micro-batch whose model runs fit it (stepped down while a measurement is over).
-        No proof: `prove` adds it for the candidates approval ranks first (pipeline/stages/prove.py)."""
+        No proof: `prove` adds it for the candidates the choice depends on (pipeline/stages/prove.py)."""
         limits = context.service.limits
         share = context.share_mb
         variant, trials, timed = self.pick_variant(context, candidate, full)

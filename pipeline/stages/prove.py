@@ -1,16 +1,15 @@
-"""Choose the candidate to approve, proving only what the choice needs.
+"""Choose the candidate to approve, proving only what the choice depends on.
 
 A proof (the micro-batch's model runs, then the service's largest bodies in their nastiest forms through
 its request path, TRUNCATE off and on) is the costliest measurement of a build: the bodies that are
-truncated run the model at its micro-batch twenty times. Only the published candidate needs one, and any
-candidate ranked above it whose proof then misses the share. So the candidates that pass every gate on
-their model runs are ranked (pipeline/gates.py), the first is proven, and when its proof is over the
-share it fails that gate and the rest are ranked again, until one proof fits or none is left. The
-ranking does not read the proofs (speed, worst-case peak, fidelity), but a candidate can still sway it
-by being the one a criterion measures the others against (the fastest sets the 1.5× bar), so those
-deciders are proven too. Once the chosen candidate and every decider are proven within the share, the
-choice is the one that proving every candidate would make: the others' absence could not change which
-candidates clear each bar. They keep their model-run figures and the report shows them unproven.
+truncated run the model at its micro-batch twenty times. The ranking (pipeline/gates.py: speed, worst-case
+peak, fidelity) never reads a proof; a proof only decides whether a candidate fits its share. So the
+candidates that pass every gate on their model runs are ranked, and the chosen one is proven together
+with the deciders: the candidate each applied criterion measured the others against (the fastest sets
+the 1.5× bar). A proof over the share fails that gate and the rest are ranked again. Once the chosen
+candidate and every decider fit, the others' absence could not change which candidates clear each bar,
+so the choice is the one that proving every candidate would make. The others keep their model-run
+figures, and the report shows them unproven.
 """
 
 from __future__ import annotations
@@ -81,6 +80,7 @@ class ProveStage:
             if not gate_failures(evaluations[name], measurements[name], self.gates, context.share_mb)
         ]
         timings = self.timings(context, state, passing)
+        candidates = {c.variant: c for c in state.candidates}
         while True:
             verdicts = select(
                 eligible,
@@ -93,16 +93,10 @@ class ProveStage:
                 self.min_speedup,
             )
             unproven = [
-                c
-                for v in verdicts
-                if (v.chosen or v.decides) and measurements[v.variant].request_path is None
-                for c in state.candidates
-                if c.variant == v.variant
+                v.variant for v in verdicts if (v.chosen or v.decides) and measurements[v.variant].request_path is None
             ]
             if not unproven:
                 return replace(state, measurements=measurements, verdicts=verdicts)
-            for candidate in unproven:
-                with step(f"{context.model.name}: prove {candidate.variant} through the request path"):
-                    measurements[candidate.variant] = self.measure.prove(
-                        context, candidate, measurements[candidate.variant]
-                    )
+            for name in unproven:
+                with step(f"{context.model.name}: prove {name} through the request path"):
+                    measurements[name] = self.measure.prove(context, candidates[name], measurements[name])
