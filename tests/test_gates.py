@@ -387,7 +387,8 @@ def prove_stage_run(
     candidates = tuple(Candidate(name, Path(name), {}, 1.0) for name in evaluations)
     context = SimpleNamespace(model=SimpleNamespace(name="m", candidates=list(evaluations)), share_mb=464.0)
     state = BuildState(candidates=candidates, evaluations=evaluations, measurements=unproven)
-    stage = ProveStage(SimpleNamespace(prove=prove), Gates(), "lowest_latency", 1.5)  # type: ignore[arg-type]
+    fake_measure = SimpleNamespace(prove=prove, proven_before=lambda *_: False)
+    stage = ProveStage(fake_measure, Gates(), "lowest_latency", 1.5)  # type: ignore[arg-type]
     monkeypatch.setattr(ProveStage, "timings", lambda self, context, state, passing: timed(evaluations, 0.01))
     return proved, stage.run(context, state)  # type: ignore[arg-type]
 

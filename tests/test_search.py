@@ -157,6 +157,7 @@ def test_rerun_reuses_cached_results_and_a_changed_setting_is_remeasured(tiny_ru
     done = memfit("optimize", "--service", service, "--model", "tiny-embed", "--build-dir", str(root / "build"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in results.iterdir()} == before  # every evaluation and measurement was a cache hit
+    assert "through the request path" not in done.stderr  # and no proof is said to run
     # The same files approved again: the whole-service fit is reused, for the new approvals.
     fit = json.loads((root / "artifacts" / "service-fit.json").read_text())
     pointers = {m: json.loads((root / "artifacts" / m / APPROVED_FILE).read_text()) for m in fit["approvals"]}

@@ -73,16 +73,7 @@ class MeasureStage:
         """One probe at `rows` full-length rows per run; `proof` adds the request path's hostile bodies.
         Cached per probe, keyed by everything the probe process is given (the model by its bytes), so a
         changed budget or variant list re-runs only the probes that differ."""
-        key = cache_key(
-            version=MEASUREMENT_VERSION,
-            model=sha256_file(candidate.folder / MODEL_FILE),
-            options=options,
-            rows=rows,
-            proof=proof,
-            repeats=self.repeats,
-            limits=context.service.limits.model_dump(),
-            threads=context.service.threads,
-        )
+        key = self.probe_key(context, candidate, options, rows, proof)
         found = context.results.get("probe", key)
         if found is not None:
             return found
@@ -93,6 +84,25 @@ class MeasureStage:
             raise StageError(f"{context.model.name}: {candidate.variant}: {exc}") from None
         context.results.put("probe", key, result)
         return result
+
+    def probe_key(
+        self, context: BuildContext, candidate: Candidate, options: dict[str, Any], rows: int, proof: bool
+    ) -> str:
+        return cache_key(
+            version=MEASUREMENT_VERSION,
+            model=sha256_file(candidate.folder / MODEL_FILE),
+            options=options,
+            rows=rows,
+            proof=proof,
+            repeats=self.repeats,
+            limits=context.service.limits.model_dump(),
+            threads=context.service.threads,
+        )
+
+    def proven_before(self, context: BuildContext, candidate: Candidate, measured: Measurement) -> bool:
+        """Whether the proof at the measured micro-batch is cached: a rerun then proves nothing anew."""
+        key = self.probe_key(context, candidate, measured.session_options, measured.batch, proof=True)
+        return context.results.get("probe", key) is not None
 
     def options(self, variant: SessionVariant) -> dict[str, Any]:
         return {**self.session.model_dump(), **SESSION_VARIANTS[variant]}

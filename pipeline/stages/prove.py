@@ -14,6 +14,7 @@ figures, and the report shows them unproven.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 from pipeline.cache import cache_key
@@ -98,5 +99,7 @@ class ProveStage:
             if not unproven:
                 return replace(state, measurements=measurements, verdicts=verdicts)
             for name in unproven:
-                with step(f"{context.model.name}: prove {name} through the request path"):
-                    measurements[name] = self.measure.prove(context, candidates[name], measurements[name])
+                candidate, measured = candidates[name], measurements[name]
+                cached = self.measure.proven_before(context, candidate, measured)  # a rerun reads, says nothing
+                with nullcontext() if cached else step(f"{context.model.name}: prove {name} through the request path"):
+                    measurements[name] = self.measure.prove(context, candidate, measured)
