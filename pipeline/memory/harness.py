@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,8 @@ class GunicornService:
 # most of a core, ahead of the workers it measures. Every 50 ms: the same PSS peaks (2 MiniLM workers:
 # 368.7–369.5 MB vs 369.0–370.7 MB) and their fit run 19% faster (32 s vs 39.5 s).
 SAMPLE_INTERVAL_S = 0.05
+# Concurrent soak clients: the worker reads their bodies while it runs another's inference, as in traffic.
+SOAK_CLIENTS = 4
 
 
 @dataclass
@@ -276,24 +279,34 @@ def run_mix(service: GunicornService, path: str, requests: list[list[str]], mode
     }
 
 
-def soak(service: GunicornService, path: str, requests: list[list[str]], every: int = 100) -> dict[str, Any]:
-    """Run `requests` against one worker, sampling its RSS every `every` requests: status counts, peak,
-    and the RSS trend over the last half (MB per 1,000 requests; a leak shows as a positive slope)."""
+def soak(
+    service: GunicornService, path: str, requests: list[list[str]], every: int = 100, clients: int = SOAK_CLIENTS
+) -> dict[str, Any]:
+    """Run `requests` from `clients` concurrent clients against one worker, sampling its RSS every `every`
+    answers: status counts, peak, and the RSS trend over the last half (MB per 1,000 requests; a leak
+    shows as a positive slope)."""
     statuses: dict[int, int] = {}
     trend: list[tuple[int, float]] = []
-    with MemorySampler(service.master_pid) as sampler:
-        for index, inputs in enumerate(requests):
-            try:
-                status = service.request("POST", path, {"inputs": inputs}).status
-            except OSError:
-                status = 599  # no answer at all counts as a server failure
+    counted = threading.Lock()
+
+    def send(inputs: list[str]) -> None:
+        try:
+            status = service.request("POST", path, {"inputs": inputs}).status
+        except OSError:
+            status = 599  # no answer at all counts as a server failure
+        with counted:
+            answered = sum(statuses.values())
             statuses[status] = statuses.get(status, 0) + 1
-            if index % every == 0:
-                trend.append((index, sum(rollup_mb(pid)["rss"] for pid in service.worker_pids())))
+            if answered % every == 0:
+                trend.append((answered, sum(rollup_mb(pid)["rss"] for pid in service.worker_pids())))
+
+    with MemorySampler(service.master_pid) as sampler, ThreadPoolExecutor(clients) as pool:
+        list(pool.map(send, requests))
     half = [(i, rss) for i, rss in trend if i >= len(requests) // 2]
     slope = float(np.polyfit([i for i, _ in half], [r for _, r in half], 1)[0]) * 1000
     return {
         "requests": len(requests),
+        "clients": clients,
         "statuses": statuses,
         "server_errors": sum(n for status, n in statuses.items() if status >= 500),
         "peak": sampler.peak(),

@@ -1,5 +1,6 @@
-"""Soak: ≥ 10,000 mixed requests against one real MiniLM worker: no 5xx, peak RSS under budget, and a
-flat RSS trend over the last half (a leak would show as a slope). SOAK_REQUESTS raises the count."""
+"""Soak: ≥ 10,000 mixed requests from concurrent clients (SOAK_CLIENTS) against one real MiniLM worker:
+no 5xx, peak RSS under budget, and a flat RSS trend over the last half (a leak would show as a slope).
+SOAK_REQUESTS raises the count."""
 
 from __future__ import annotations
 
