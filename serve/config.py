@@ -122,6 +122,10 @@ class ServiceConfig(StrictModel):
     # Requests one worker reads at once (gunicorn gthread threads); inference runs one at a time, so
     # the rest hold at most their bodies while they wait. Part of what the build proves.
     threads: int = Field(16, ge=1, le=256)
+    # The most workers the build's whole-service fit measures (1, 2, … up to this), and so the most that
+    # WORKERS=auto and the start-up check allow. Each count is a gunicorn run of the build: a service that
+    # will only ever run one worker may set 1. Four: a 2-core host gains nothing from more CPU-bound workers.
+    fit_max_workers: int = Field(4, ge=1, le=64)
     # ONNX Runtime threads per session run, at most what the approval measured (None: as approved).
     # gunicorn sets it to the cores divided by the workers.
     intra_op_threads: int | None = Field(None, ge=1, le=64)
@@ -172,6 +176,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_REQUEST_CHARS": ("limits", "max_request_chars"),
     "MAX_TOKENS_PER_RUN": ("limits", "max_tokens_per_run"),
     "THREADS": ("threads",),
+    "FIT_MAX_WORKERS": ("fit_max_workers",),
     "INTRA_OP_THREADS": ("intra_op_threads",),
     "SHARED_WEIGHTS": ("shared_weights",),
     "PENDING_APPROVALS": ("pending_approvals",),

@@ -130,6 +130,10 @@ BAD_SERVICES = [
     ),
     ({"models": ["a.yaml"], "threads": 0}, "field 'threads': must be greater than or equal to 1 (got 0)"),
     (
+        {"models": ["a.yaml"], "fit_max_workers": 0},
+        "field 'fit_max_workers': must be greater than or equal to 1 (got 0)",
+    ),
+    (
         {"models": ["a.yaml"], "limits": {"max_seq": 10}},
         "field 'limits.max_seq': unknown key; allowed keys: max_batch, max_body_bytes, max_input_chars, "
         "max_request_chars, max_seq_len, max_tokens_per_run, truncate",

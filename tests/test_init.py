@@ -219,6 +219,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     service = yaml.safe_load(service_config.read_text())
     service["shares_mb"] = {name: 160 for name in FAMILIES} | {"minilm-zip": 300}
     service["limits"] = {"max_batch": 8, "max_seq_len": 128}
+    service["fit_max_workers"] = 1  # one worker serves these tests: the build's fit measures one
     service_config.write_text(yaml.safe_dump(service))
     done = memfit("optimize", "--service", str(service_config), timeout=OPTIMIZE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]

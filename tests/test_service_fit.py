@@ -4,22 +4,30 @@ run at which more workers are predicted to fit."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from pipeline.config import LoadedConfigs
+from pipeline.memory import service_fit
 from pipeline.memory.service_fit import (
     OVERSHOOT_FACTOR,
     Activations,
+    Savings,
     accept_queue,
     after_overshoot,
     counted_peak,
     line,
+    measure_fit,
     tokens_for,
 )
+from tests.helpers import REPO
 
 # One model proven at 32 × 128 tokens per run, 27.8 MB per 1,000 tokens (MiniLM's measured curve).
 MINILM = Activations(((4096, 0.0278),), 128)
+SLOPE = Savings.of([], MINILM)  # nothing measured yet: what fewer tokens save is the curve's slope
 
 
 def run(workers: int, tokens: int, base: float = 57.0, per_worker: float = 160.0) -> dict[str, Any]:
@@ -33,18 +41,57 @@ def test_the_counted_peak_is_the_larger_of_cgroup_and_pss() -> None:
 
 
 def test_the_line_recovers_base_and_per_worker_from_runs_at_fewer_tokens() -> None:
-    base, per_worker = line([run(1, 4096), run(2, 4096), run(3, 3200), run(4, 1792)], MINILM)
+    base, per_worker = line([run(1, 4096), run(2, 4096), run(3, 3200), run(4, 1792)], SLOPE)
     assert base == pytest.approx(57.0) and per_worker == pytest.approx(160.0)
 
 
 def test_more_workers_get_fewer_tokens_and_too_many_get_none() -> None:
-    assert tokens_for(2, 57.0, 160.0, 15.0, MINILM, 512) == 4096
-    three, four = tokens_for(3, 57.0, 160.0, 15.0, MINILM, 512), tokens_for(4, 57.0, 160.0, 15.0, MINILM, 512)
+    assert tokens_for(2, 57.0, 160.0, 15.0, SLOPE, 512) == 4096
+    three, four = tokens_for(3, 57.0, 160.0, 15.0, SLOPE, 512), tokens_for(4, 57.0, 160.0, 15.0, SLOPE, 512)
     assert three is not None and four is not None and 4096 > three > four >= 128
     for workers, tokens in ((3, three), (4, four)):
         assert 57.0 + workers * (160.0 - MINILM.saved_mb(tokens) + 15.0) <= 512  # fits at these tokens
         assert 57.0 + workers * (160.0 - MINILM.saved_mb(tokens + 128) + 15.0) > 512  # and not at one row more
-    assert tokens_for(8, 57.0, 160.0, 15.0, MINILM, 512) is None
+    assert tokens_for(8, 57.0, 160.0, 15.0, SLOPE, 512) is None
+
+
+def stepped(workers: int, tokens: int) -> dict[str, Any]:
+    """A run of workers whose arena saves in one step: nothing down to 2,900 tokens per run, 40 MB below
+    (base 57, 160 MB per worker at full tokens); each worker's VmHWM shows it."""
+    saved = 0.0 if tokens > 2900 else 40.0
+    return {
+        **run(workers, tokens),
+        "pss_peak_mb": 57.0 + workers * (160.0 - saved),
+        "worker_vmhwm_mb": [230.0 - saved] * workers,
+        "workers_replaced": False,
+    }
+
+
+def test_what_each_run_saved_is_read_from_its_workers_not_from_the_slope() -> None:
+    runs = [stepped(1, 4096), stepped(2, 4096), stepped(3, 3584), stepped(3, 3072), stepped(4, 1792)]
+    savings = Savings.of(runs, MINILM)
+    base, per_worker = line(runs, savings)
+    assert base == pytest.approx(57.0) and per_worker == pytest.approx(160.0)
+    errors = [
+        (base + r["workers"] * (per_worker - savings.mb(r["tokens_per_run"]))) / counted_peak(r) - 1 for r in runs
+    ]
+    assert max(abs(e) for e in errors) < 1e-9
+    slope_base, slope_per_worker = line(runs, SLOPE)  # the slope's line misses the measured peaks
+    assert (
+        max(
+            abs(slope_base + r["workers"] * (slope_per_worker - MINILM.saved_mb(r["tokens_per_run"]))) / counted_peak(r)
+            - 1
+            for r in runs
+        )
+        > 0.05
+    )
+    # Interpolated between measured token counts, continued at the slope below the fewest.
+    assert savings.mb(3584) == 0.0 and savings.mb(3072) == 0.0 and savings.mb(1792) == pytest.approx(40.0)
+    assert savings.mb(2432) == pytest.approx(40.0 * (3072 - 2432) / (3072 - 1792))
+    assert savings.mb(1280) == pytest.approx(40.0 + MINILM.saved_mb(1280) - MINILM.saved_mb(1792))
+    # Three workers need 23.3 MB saved each: the slope says 3,200 tokens would do, the runs say 2,304.
+    assert tokens_for(3, 57.0, 160.0, 15.0, SLOPE, 512) == 3200
+    assert tokens_for(3, 57.0, 160.0, 15.0, savings, 512) == 2304
 
 
 def test_a_count_over_the_budget_is_measured_again_at_least_its_overshoot_lower() -> None:
@@ -72,3 +119,29 @@ def test_the_accept_queue_counts_connections_no_worker_has_taken_yet() -> None:
         for connection in [*clients, *accepted]:
             connection.close()
     assert accept_queue(port) is None
+
+
+@pytest.mark.parametrize(("setting", "counts"), [(None, [1, 2, 3, 4]), ("2", [1, 2]), ("1", [1])])
+def test_the_fit_measures_up_to_the_services_worker_count(
+    setting: str | None, counts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit_max_workers (FIT_MAX_WORKERS) bounds the gunicorn runs, and so the workers the plan may offer."""
+    if setting is not None:
+        monkeypatch.setenv("FIT_MAX_WORKERS", setting)
+    measured: list[int] = []
+
+    def measure_workers(path: Path, workers: int, tokens: int, budget: float, bodies: list[Any]) -> dict[str, Any]:
+        measured.append(workers)
+        measured_run = run(workers, tokens, per_worker=90.0)
+        measured_run["cgroup"]["oom_kills"] = 0
+        return {**measured_run, "workers_replaced": False, "worker_vmhwm_mb": [150.0]}
+
+    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
+    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
+    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
+    minilm = SimpleNamespace(
+        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 4096}}
+    )
+    fit = measure_fit([minilm], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+    assert measured == counts
+    assert fit["max_workers_measured"] == counts[-1]

@@ -1,6 +1,7 @@
 """Whole-service fit, measured the way the kernel counts: the real service (serve/gunicorn.conf.py on
-127.0.0.1) with W = 1, 2, … workers, inside a memory cgroup limited to the budget where one can be
-created, while a separate process samples the PSS of master and workers.
+127.0.0.1) with W = 1, 2, … workers (up to the service's `fit_max_workers`), inside a memory cgroup
+limited to the budget where one can be created, while a separate process samples the PSS of master and
+workers.
 
 Every worker runs every load body at the same moment: the fit starts gunicorn with one connection per
 worker (WORKER_CONNECTIONS=1), opens W connections, sends each all but the last byte of the body, and
@@ -10,8 +11,9 @@ of shorter inputs, and its hostile bodies (serve/probe.py), with TRUNCATE on (th
 inputs are embedded, not refused). Requests waiting for a worker's inference lock hold at most their raw
 body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rather than measured.
 
-A least-squares line through the measured peaks (of the runs where no worker was killed) gives the
-planner its figures: W workers cost base + W × per worker. The one-process probe of all models together
+A least-squares line through the measured peaks (of the runs where no worker was killed), each raised by
+what its workers' VmHWM shows their smaller micro-batch saved, gives the planner its figures: W workers
+at full tokens per run cost base + W × per worker. The one-process probe of all models together
 stays as the fast first estimate and as the watchdog's floor.
 
 The fit is cached under build/_service/, keyed by every approved file's sha256, each model's session
@@ -48,14 +50,13 @@ from serve.memory import status_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb
 from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
 
-FIT_MAX_WORKERS = 4  # a 2-core host gains nothing from more CPU-bound workers than this
 FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
 # After a count overshoots, the next try aims to save this many times the overshoot: between arena steps
 # a few rows less saved 15–90% of what the curve's slope predicts, so aiming at the overshoot alone took
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
 ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
-FIT_VERSION = 1  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 2  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -238,10 +239,42 @@ class Activations:
         return list(range(self.full - self.full % self.seq_len, 0, -self.seq_len)) or [self.seq_len]
 
 
-def line(runs: list[dict[str, Any]], activations: Activations) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Savings:
+    """What one worker saves running at most `tokens` per run, as the fit measured it: each run's workers'
+    mean VmHWM below that of the workers run at full tokens. Between measured token counts it is
+    interpolated; below the fewest measured, continued at the build's memory-curve slope. The slope alone
+    overstates what a few rows less save between arena steps (MiniLM: 7.1 MB at 3,456 tokens, where it
+    says 17.7), and a line through peaks raised by it missed the measured ones by up to 6.6%."""
+
+    activations: Activations
+    points: tuple[tuple[int, float], ...]  # (tokens per run, MB saved), most tokens first, from (full, 0)
+
+    @classmethod
+    def of(cls, runs: list[dict[str, Any]], activations: Activations) -> Savings:
+        measured = [r for r in runs if r.get("worker_vmhwm_mb") and not r.get("workers_replaced")]
+        full = [float(np.mean(r["worker_vmhwm_mb"])) for r in measured if r["tokens_per_run"] >= activations.full]
+        saved: dict[int, list[float]] = {}
+        for run in measured if full else []:
+            if run["tokens_per_run"] < activations.full:
+                saved.setdefault(run["tokens_per_run"], []).append(full[0] - float(np.mean(run["worker_vmhwm_mb"])))
+        points = sorted(((tokens, max(0.0, float(np.mean(mb)))) for tokens, mb in saved.items()), reverse=True)
+        return cls(activations, ((activations.full, 0.0), *points))
+
+    def mb(self, tokens: int) -> float:
+        if tokens >= self.activations.full:
+            return 0.0
+        for (upper, upper_mb), (lower, lower_mb) in zip(self.points, self.points[1:], strict=False):
+            if lower <= tokens <= upper:
+                return upper_mb + (lower_mb - upper_mb) * (upper - tokens) / (upper - lower)
+        lowest, lowest_mb = self.points[-1]
+        return lowest_mb + self.activations.saved_mb(tokens) - self.activations.saved_mb(lowest)
+
+
+def line(runs: list[dict[str, Any]], savings: Savings) -> tuple[float, float]:
     """(base, per worker at full tokens per run) of the least-squares line through the counted peaks, each
     run's peak raised by what its smaller micro-batch saved; one run: all of it per worker."""
-    adjusted = [counted_peak(r) + r["workers"] * activations.saved_mb(r["tokens_per_run"]) for r in runs]
+    adjusted = [counted_peak(r) + r["workers"] * savings.mb(r["tokens_per_run"]) for r in runs]
     if len(runs) < 2:
         return 0.0, adjusted[0]
     slope, intercept = np.polyfit([r["workers"] for r in runs], adjusted, 1)
@@ -249,11 +282,11 @@ def line(runs: list[dict[str, Any]], activations: Activations) -> tuple[float, f
 
 
 def tokens_for(
-    workers: int, base: float, per_worker: float, held: float, activations: Activations, budget: float
+    workers: int, base: float, per_worker: float, held: float, savings: Savings, budget: float
 ) -> int | None:
     """The most tokens per run at which `workers` workers are predicted to fit; None when none does."""
-    for tokens in activations.choices():
-        if base + workers * (per_worker - activations.saved_mb(tokens) + held) <= budget:
+    for tokens in savings.activations.choices():
+        if base + workers * (per_worker - savings.mb(tokens) + held) <= budget:
             return tokens
     return None
 
@@ -291,9 +324,7 @@ def measure_service(configs: LoadedConfigs, cache: ResultCache) -> dict[str, Any
     return {**found, "approvals": approvals, "reused": reused}
 
 
-def measure_fit(
-    artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repeats: int = 3, max_workers: int = FIT_MAX_WORKERS
-) -> dict[str, Any]:
+def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repeats: int = 3) -> dict[str, Any]:
     service = configs.service
     budget = service.budget_mb
     one_process = measure_one_process(artifacts, configs, repeats)
@@ -301,17 +332,16 @@ def measure_fit(
     activations = Activations.of(artifacts, service.limits.max_seq_len)
     held_mb = (service.threads - 1) * service.limits.max_body_bytes / MB
     runs: list[dict[str, Any]] = []
-    for workers in range(1, max_workers + 1):
+    for workers in range(1, service.fit_max_workers + 1):
         # One worker runs at full tokens; more, at the most tokens the runs so far predict to fit. A run
         # over the budget joins the line, and the count is measured again at fewer tokens (at most
         # FIT_TRIES runs per count).
         tried: set[int] = set()
         fitted = False
         while not fitted and len(tried) < FIT_TRIES:
-            base, per_worker = line(runs, activations) if runs else (0.0, 0.0)
-            tokens = (
-                activations.full if not runs else tokens_for(workers, base, per_worker, held_mb, activations, budget)
-            )
+            savings = Savings.of(runs, activations)
+            base, per_worker = line(runs, savings) if runs else (0.0, 0.0)
+            tokens = activations.full if not runs else tokens_for(workers, base, per_worker, held_mb, savings, budget)
             if tried and tokens is not None:
                 tokens = min(tokens, after_overshoot(runs[-1], held_mb, activations, budget) or 0) or None
             if tokens is None or tokens in tried:
@@ -324,9 +354,10 @@ def measure_fit(
             break
     fitting = [r for r in runs if planned_fit(r, held_mb, budget)]
     undisturbed = [r for r in runs if not r["workers_replaced"] and not (r["cgroup"] and r["cgroup"]["oom_kills"])]
-    base, per_worker = line(undisturbed or runs[:1], activations)
+    savings = Savings.of(runs, activations)
+    base, per_worker = line(undisturbed or runs[:1], savings)
     for run in runs:
-        run["line_mb"] = round(base + run["workers"] * (per_worker - activations.saved_mb(run["tokens_per_run"])), 1)
+        run["line_mb"] = round(base + run["workers"] * (per_worker - savings.mb(run["tokens_per_run"])), 1)
         run["line_error"] = round(run["line_mb"] / counted_peak(run) - 1, 4)
         run["planned_mb"] = round(counted_peak(run) + run["workers"] * held_mb, 1)
         run["fits"] = run in fitting
