@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.memory.service_fit import Activations, Savings, counted_peak, line
+from pipeline.memory.service_fit import Activations, Savings, counted_peak, line, on_line
 
 
 def undisturbed_runs(path: Path) -> list[dict[str, Any]]:
@@ -28,7 +28,7 @@ def refit(runs: list[dict[str, Any]]) -> list[float]:
     curve's slope only reaches below the fewest measured tokens, which a recorded run never is."""
     savings = Savings.of(runs, Activations(((runs[0]["tokens_per_run"], 0.0),), 1))
     base, per_worker = line(runs, savings)
-    return [(base + r["workers"] * (per_worker - savings.mb(r["tokens_per_run"]))) / counted_peak(r) - 1 for r in runs]
+    return [on_line(r, base, per_worker, savings) / counted_peak(r) - 1 for r in runs]
 
 
 def main(argv: list[str]) -> None:

@@ -281,6 +281,11 @@ def line(runs: list[dict[str, Any]], savings: Savings) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
+def on_line(run: dict[str, Any], base: float, per_worker: float, savings: Savings) -> float:
+    """The line's figure for `run`'s worker count at its tokens per run."""
+    return base + run["workers"] * (per_worker - savings.mb(run["tokens_per_run"]))
+
+
 def tokens_for(
     workers: int, base: float, per_worker: float, held: float, savings: Savings, budget: float
 ) -> int | None:
@@ -357,7 +362,7 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     savings = Savings.of(runs, activations)
     base, per_worker = line(undisturbed or runs[:1], savings)
     for run in runs:
-        run["line_mb"] = round(base + run["workers"] * (per_worker - savings.mb(run["tokens_per_run"])), 1)
+        run["line_mb"] = round(on_line(run, base, per_worker, savings), 1)
         run["line_error"] = round(run["line_mb"] / counted_peak(run) - 1, 4)
         run["planned_mb"] = round(counted_peak(run) + run["workers"] * held_mb, 1)
         run["fits"] = run in fitting
