@@ -272,16 +272,20 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         + (f" Measured in {fit['seconds']:,.1f} s" if "seconds" in fit else "")
         + (" by an earlier run of the same approved files and settings, reused." if fit.get("reused") else "."),
         "",
+        "Line: the counted peak the line through the runs predicts for that run, and its error; cgroup line: "
+        "the same through the cgroup peaks alone.",
+        "",
         "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | RSS sum MB | line MB (error) "
-        "| planned MB | worker VmHWM MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cgroup line MB (error) | planned MB | worker VmHWM MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in fit["runs"]:
         group = run["cgroup"] or {}
+        cgroup_line = f"{run['cgroup_line_mb']:.1f} ({run['cgroup_line_error']:+.1%})" if group else "-"
         lines.append(
             f"| {run['workers']} | {run['tokens_per_run']} | {_fmt(group.get('peak_mb'), 1)} | "
             f"{group.get('failcnt', '-')} | {group.get('oom_kills', '-')} | {run['pss_peak_mb']:.1f} | "
-            f"{run['rss_sum_peak_mb']:.1f} | {run['line_mb']:.1f} ({run['line_error']:+.1%}) | "
+            f"{run['rss_sum_peak_mb']:.1f} | {run['line_mb']:.1f} ({run['line_error']:+.1%}) | {cgroup_line} | "
             f"{run['planned_mb']:.1f}{'' if run['fits'] else ' (over)'} | "
             f"{', '.join(map(str, run['worker_vmhwm_mb']))} |"
         )

@@ -63,6 +63,20 @@ class WorkerFigures:
         run = self.measured_run(workers)
         return int(run["tokens_per_run"]) if run and workers > 1 else None
 
+    def predicted_mb(self, workers: int) -> tuple[float | None, float | None]:
+        """The fit's lines at `workers` workers: (counted peak, cgroup peak); at the measured run's tokens
+        per run, full tokens beyond the runs. None where no fit (or no cgroup line) was measured."""
+        if self.fit is None:
+            return None, None
+        run = self.measured_run(workers)
+        if run is not None:
+            return float(run["line_mb"]), run.get("cgroup_line_mb")
+        cgroup = self.fit.get("cgroup_line_mb")
+        return (
+            self.fit["base_mb"] + workers * self.fit["per_worker_mb"],
+            None if cgroup is None else cgroup[0] + workers * cgroup[1],
+        )
+
     def needed_mb(self, workers: int, master_mb: float) -> tuple[float, str]:
         """Predicted peak of master + `workers` workers, and the arithmetic behind it."""
         run = self.measured_run(workers)
@@ -139,19 +153,25 @@ def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]
 
 
 def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
-    """`memfit plan`'s table: predicted peak per worker count, the measured figures beside it."""
+    """`memfit plan`'s table per worker count: the peak the fit's lines predict (the counted peak, and the
+    cgroup's own), the measured figures beside them, and what the budget check plans (the measured peak,
+    or the prediction, plus the bodies waiting for the inference lock)."""
     config, path = load_service_config(service_path)
     figures, _ = worker_figures(config, path)
     measured = {run["workers"]: run for run in (figures.fit or {}).get("runs", [])}
-    lines = ["workers | tokens/run | predicted MB | measured cgroup peak MB | measured PSS sum MB | fits"]
+    lines = [
+        "workers | tokens/run | predicted MB | predicted cgroup MB | measured cgroup peak MB | measured PSS sum MB "
+        "| planned MB | fits"
+    ]
     for workers in range(1, up_to + 1):
         needed, _ = figures.needed_mb(workers, master_mb)
+        predicted = " | ".join("-" if mb is None else f"{mb:,.0f}" for mb in figures.predicted_mb(workers))
         run = measured.get(workers, {})
         cgroup = run.get("cgroup") or {}
         fits = needed <= config.budget_mb and workers <= figures.most_workers(config.budget_mb, master_mb)
         lines.append(
-            f"{workers} | {run.get('tokens_per_run', 'full')} | {needed:,.0f} | {cgroup.get('peak_mb', '-')} | "
-            f"{run.get('pss_peak_mb', '-')} | {'yes' if fits else 'no'}"
+            f"{workers} | {run.get('tokens_per_run', 'full')} | {predicted} | {cgroup.get('peak_mb', '-')} | "
+            f"{run.get('pss_peak_mb', '-')} | {needed:,.0f} | {'yes' if fits else 'no'}"
         )
     return lines
 

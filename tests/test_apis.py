@@ -95,6 +95,7 @@ def test_openai_models_and_errors_in_openai_shape(service: GunicornService, clie
     reply = service.request("POST", "/v1/embeddings", {"model": "tiny-embed", "input": [[101, 2023]]})
     assert reply.status == 400 and set(reply.body["error"]) == {"message", "type", "param", "code"}
     assert reply.body["error"]["type"] == "invalid_request_error" and reply.body["error"]["param"] == "input"
+    assert "check_embedding_ctx_length=False" in reply.body["error"]["message"]
     assert service.request("GET", "/v1/nowhere").body["error"]["code"] == "not_found"
 
 

@@ -87,8 +87,9 @@ def test_memory_regression_gate(minilm_run: MinilmRun) -> None:
 def test_the_real_service_fit_counts_what_the_kernel_counts(minilm_run: MinilmRun) -> None:
     """The real gunicorn service with 1, 2, … workers, every worker at the worst case at once, in a memory
     cgroup limited to the 512 MB budget (where one can be made): no OOM kill, every worker within 5% of
-    the proof, at least two workers fit, the line through the peaks predicts each within 5%, and the plan
-    for each count it offers is that count's measured peak plus its waiting bodies."""
+    the proof, at least two workers fit, the lines through the counted peaks and through the cgroup peaks
+    predict each within 5%, and the plan for each count it offers is that count's measured peak plus its
+    waiting bodies."""
     fit = json.loads((minilm_run.artifacts / "service-fit.json").read_text())
     proof = manifest(minilm_run)["metrics"]["peak_rss_mb"]
     print(json.dumps({k: v for k, v in fit.items() if k not in ("runs", "one_process", "models")}))
@@ -101,11 +102,17 @@ def test_the_real_service_fit_counts_what_the_kernel_counts(minilm_run: MinilmRu
         assert abs(run["line_error"]) <= 0.05, run
         if run["cgroup"] is not None:
             assert run["cgroup"]["oom_kills"] == 0 and run["cgroup"]["limit_mb"] == 512
+            assert abs(run["cgroup_line_error"]) <= 0.05, run  # the second line, through the cgroup peaks
     fitting = [run["workers"] for run in fit["runs"] if run["fits"]]
     assert fitting == list(range(1, len(fitting) + 1)) and len(fitting) >= 2 and fit["fits"]
     plan = memfit("plan", "--workers", str(fitting[-1]), env=minilm_run.env)
     planned = next(r for r in reversed(fit["runs"]) if r["workers"] == fitting[-1])["planned_mb"]
     assert plan.returncode == 0 and f"WORKERS={fitting[-1]} needs ~{planned:,.0f} MB (measured with" in plan.stdout
+    # The plan's table predicts that count's peak on both lines (the counted peak, the cgroup's own).
+    last = next(r for r in reversed(fit["runs"]) if r["workers"] == fitting[-1])
+    row = next(line for line in plan.stdout.splitlines() if line.startswith(f"{fitting[-1]} | "))
+    cgroup_line = f"{last['cgroup_line_mb']:,.0f}" if last["cgroup"] else "-"
+    assert row.split(" | ")[2:4] == [f"{last['line_mb']:,.0f}", cgroup_line], row
     assert fit["counted_by"] == ("max(cgroup, pss)" if cgroup_reason() is None else "pss")
 
 

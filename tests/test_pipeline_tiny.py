@@ -173,6 +173,7 @@ def test_whole_service_fit_is_measured_and_used_by_the_planner(tiny_run: TinyRun
         assert abs(run["line_error"]) <= 0.05, run
         if run["cgroup"] is not None:
             assert run["cgroup"]["oom_kills"] == 0 and run["cgroup"]["peak_mb"] > 0
+            assert abs(run["cgroup_line_error"]) <= 0.05, run  # the second line, through the cgroup peaks
     assert fit["counted_by"] == ("max(cgroup, pss)" if cgroup_reason() is None else "pss")
     assert fit["worker_peak_mb"] >= fit["one_process"]["worker_peak_mb"]
     assert fit["fits"] and "## Whole service" in (tiny_run.artifacts / "report.md").read_text()

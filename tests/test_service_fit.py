@@ -145,3 +145,37 @@ def test_the_fit_measures_up_to_the_services_worker_count(
     fit = measure_fit([minilm], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
     assert measured == counts
     assert fit["max_workers_measured"] == counts[-1]
+
+
+def fit_with(monkeypatch: pytest.MonkeyPatch, cgroup: bool) -> dict[str, Any]:
+    """measure_fit over runs whose cgroup is charged 45 MB less than the PSS sum at any count, and 12 MB
+    less per worker (pages another cgroup read first are not charged to the service's); or no cgroup."""
+
+    def measure_workers(path: Path, workers: int, tokens: int, budget: float, bodies: list[Any]) -> dict[str, Any]:
+        measured = run(workers, tokens, per_worker=90.0)
+        pss = measured["pss_peak_mb"]
+        measured["cgroup"] = {"peak_mb": pss - 45.0 - 12.0 * workers, "oom_kills": 0} if cgroup else None
+        return {**measured, "workers_replaced": False, "worker_vmhwm_mb": [150.0] * workers}
+
+    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
+    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
+    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
+    minilm = SimpleNamespace(
+        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 4096}}
+    )
+    return measure_fit([minilm], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+
+
+def test_a_second_line_predicts_the_cgroup_peak_where_it_differs_from_the_pss_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fit = fit_with(monkeypatch, cgroup=True)
+    assert fit["base_mb"] == pytest.approx(57.0, abs=0.1) and fit["per_worker_mb"] == pytest.approx(90.0, abs=0.1)
+    assert fit["cgroup_line_mb"] == pytest.approx([12.0, 78.0], abs=0.1)
+    runs = fit["runs"]
+    assert len(runs) == 4 and all(abs(r["line_error"]) <= 0.001 and abs(r["cgroup_line_error"]) <= 0.001 for r in runs)
+    # The counted line alone, read as a cgroup prediction, would miss every count by more than 20%.
+    assert min(r["line_mb"] / r["cgroup"]["peak_mb"] - 1 for r in runs) > 0.2
+
+    without = fit_with(monkeypatch, cgroup=False)
+    assert without["cgroup_line_mb"] is None and all("cgroup_line_mb" not in r for r in without["runs"])

@@ -13,8 +13,10 @@ body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rathe
 
 A least-squares line through the measured peaks (of the runs where no worker was killed), each raised by
 what its workers' VmHWM shows their smaller micro-batch saved, gives the planner its figures: W workers
-at full tokens per run cost base + W × per worker. The one-process probe of all models together
-stays as the fast first estimate and as the watchdog's floor.
+at full tokens per run cost base + W × per worker. The line runs through the counted peak (the larger of
+cgroup peak and PSS sum); a second line runs through the cgroup peaks alone, so that the plan predicts
+each counter the kernel keeps, not only the larger. The one-process probe of all models together stays
+as the fast first estimate and as the watchdog's floor.
 
 The fit is cached under build/_service/, keyed by every approved file's sha256, each model's session
 options, limits and runtime spec, the service config, and the runtime's versions and CPU flags: a rerun
@@ -28,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -56,7 +59,7 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
 ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
-FIT_VERSION = 2  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 3  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -199,6 +202,11 @@ def counted_peak(run: dict[str, Any]) -> float:
     return max(float(run["cgroup"]["peak_mb"]) if run["cgroup"] else 0.0, float(run["pss_peak_mb"]))
 
 
+def cgroup_peak(run: dict[str, Any]) -> float:
+    """The cgroup's own peak (a run measured in a cgroup)."""
+    return float(run["cgroup"]["peak_mb"])
+
+
 def planned_fit(run: dict[str, Any], held_mb: float, budget_mb: float) -> bool:
     """No worker killed or replaced, and the counted peak plus each worker's waiting bodies in the budget."""
     oom = bool(run["cgroup"] and run["cgroup"]["oom_kills"])
@@ -271,10 +279,12 @@ class Savings:
         return lowest_mb + self.activations.saved_mb(tokens) - self.activations.saved_mb(lowest)
 
 
-def line(runs: list[dict[str, Any]], savings: Savings) -> tuple[float, float]:
-    """(base, per worker at full tokens per run) of the least-squares line through the counted peaks, each
-    run's peak raised by what its smaller micro-batch saved; one run: all of it per worker."""
-    adjusted = [counted_peak(r) + r["workers"] * savings.mb(r["tokens_per_run"]) for r in runs]
+def line(
+    runs: list[dict[str, Any]], savings: Savings, peak: Callable[[dict[str, Any]], float] = counted_peak
+) -> tuple[float, float]:
+    """(base, per worker at full tokens per run) of the least-squares line through the runs' `peak`s, each
+    raised by what the run's smaller micro-batch saved; one run: all of it per worker."""
+    adjusted = [peak(r) + r["workers"] * savings.mb(r["tokens_per_run"]) for r in runs]
     if len(runs) < 2:
         return 0.0, adjusted[0]
     slope, intercept = np.polyfit([r["workers"] for r in runs], adjusted, 1)
@@ -284,6 +294,22 @@ def line(runs: list[dict[str, Any]], savings: Savings) -> tuple[float, float]:
 def on_line(run: dict[str, Any], base: float, per_worker: float, savings: Savings) -> float:
     """The line's figure for `run`'s worker count at its tokens per run."""
     return base + run["workers"] * (per_worker - savings.mb(run["tokens_per_run"]))
+
+
+def predict(
+    runs: list[dict[str, Any]],
+    fitted: list[dict[str, Any]],
+    savings: Savings,
+    peak: Callable[[dict[str, Any]], float],
+    prefix: str,
+) -> tuple[float, float]:
+    """The line through `fitted` by `peak`; each of `runs` gets its figure on it (`<prefix>line_mb`) and
+    that figure's error against its own peak (`<prefix>line_error`)."""
+    base, per_worker = line(fitted, savings, peak)
+    for run in runs:
+        run[f"{prefix}line_mb"] = round(on_line(run, base, per_worker, savings), 1)
+        run[f"{prefix}line_error"] = round(run[f"{prefix}line_mb"] / peak(run) - 1, 4)
+    return base, per_worker
 
 
 def tokens_for(
@@ -360,10 +386,13 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     fitting = [r for r in runs if planned_fit(r, held_mb, budget)]
     undisturbed = [r for r in runs if not r["workers_replaced"] and not (r["cgroup"] and r["cgroup"]["oom_kills"])]
     savings = Savings.of(runs, activations)
-    base, per_worker = line(undisturbed or runs[:1], savings)
+    base, per_worker = predict(runs, undisturbed or runs[:1], savings, counted_peak, "")
+    grouped = [r for r in runs if r["cgroup"]]
+    cgroup_line = None
+    if grouped:
+        through = [r for r in undisturbed if r["cgroup"]] or grouped[:1]
+        cgroup_line = [round(mb, 1) for mb in predict(grouped, through, savings, cgroup_peak, "cgroup_")]
     for run in runs:
-        run["line_mb"] = round(on_line(run, base, per_worker, savings), 1)
-        run["line_error"] = round(run["line_mb"] / counted_peak(run) - 1, 4)
         run["planned_mb"] = round(counted_peak(run) + run["workers"] * held_mb, 1)
         run["fits"] = run in fitting
     worker_peak = max([one_process["worker_peak_mb"], *(hwm for r in runs for hwm in r["worker_vmhwm_mb"])])
@@ -374,6 +403,7 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
         "counted_by": "max(cgroup, pss)" if first["cgroup"] else "pss",
         "base_mb": round(base, 1),
         "per_worker_mb": round(per_worker, 1),
+        "cgroup_line_mb": cgroup_line,  # [base, per worker] through the cgroup peaks; None without a cgroup
         "held_bodies_mb": round(held_mb, 1),
         "max_workers_measured": max((r["workers"] for r in fitting), default=0),
         "runs": runs,

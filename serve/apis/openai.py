@@ -62,7 +62,12 @@ class OpenAIApi(Api):
         fields = fields_of(payload, FIELDS, '{"model": "name", "input": ["text", ...]}')
         value = fields.get("input")
         if isinstance(value, list) and any(isinstance(item, int | list) for item in value):
-            raise errors.bad_request("token-id inputs are not supported; send text", param="input")
+            # LangChain's OpenAIEmbeddings sends tiktoken ids by default: its setting is named, to save a search.
+            raise errors.bad_request(
+                "token-id inputs are not supported; send text (LangChain's OpenAIEmbeddings: "
+                "check_embedding_ctx_length=False)",
+                param="input",
+            )
         encoding = optional(fields, "encoding_format", str, "float")
         if encoding not in ENCODINGS:
             raise errors.unprocessable(
