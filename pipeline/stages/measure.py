@@ -4,9 +4,10 @@ the model's budget share.
 
 A candidate that meets the fidelity gates is measured at its worst-case input (max_batch ×
 max_seq_len) under each listed session-option variant, and the lowest peak picks the variant (the first
-listed on a tie). The variants are also timed side by side (pipeline/ranking.py), for the report: the
-timings decide nothing, because the variants that cost speed cost it by amounts that sit either side
-of any threshold from one build to the next (see `pick_variant`). If the worst case does not fit the
+listed on a tie). The variants are also timed side by side (pipeline/ranking.py), for the report, but
+only for the candidates the prove stage proves: the timings decide nothing, because the variants that
+cost speed cost it by amounts that sit either side of any threshold from one build to the next (see
+`pick_variant`), and they take ~5 s per MiniLM candidate, ~3 min per mpnet one. If the worst case does not fit the
 share, a few more batch sizes fit the memory curve, which gives `max_tokens_per_run`, verified by a
 real measurement (and stepped down until the measurement fits); the service then runs every request
 in micro-batches of at most that many tokens. A candidate that misses a fidelity gate cannot be
@@ -27,7 +28,7 @@ from pipeline.config import SESSION_VARIANTS, Gates, SessionVariant
 from pipeline.gates import RSS_TIE, evaluation_failures
 from pipeline.memory.curve import MemoryCurve, curve_batches
 from pipeline.memory.probe import ProbeError, run_probe
-from pipeline.progress import bar
+from pipeline.progress import bar, step
 from pipeline.ranking import (
     ROUNDS,
     WORST_CASE_ROUNDS,
@@ -107,6 +108,13 @@ class MeasureStage:
     def options(self, variant: SessionVariant) -> dict[str, Any]:
         return {**self.session.model_dump(), **SESSION_VARIANTS[variant]}
 
+    def with_session_timings(self, context: BuildContext, candidate: Candidate, measured: Measurement) -> Measurement:
+        """`measured` with its session variants' timings, for the report: a candidate measured under more
+        than one variant (it meets the fidelity gates)."""
+        if len(measured.session_trials) < 2:
+            return measured
+        return replace(measured, session_timings=timings_json(self.session_timings(context, candidate)))
+
     def session_timings(self, context: BuildContext, candidate: Candidate) -> SessionTimings:
         """Every session variant of one candidate timed side by side (pipeline/ranking.py); cached on
         the model's bytes and the variants' options."""
@@ -121,16 +129,17 @@ class MeasureStage:
         found = context.results.get("session-timing", key)
         if found is None:
             settings: dict[str, SessionSettings] = {v: SessionSettings(**options) for v, options in sessions.items()}
-            found = timings_json(time_sessions(candidate.folder, settings, context.service.limits))
+            with step(f"{context.model.name}: time {candidate.variant}'s session variants side by side"):
+                found = timings_json(time_sessions(candidate.folder, settings, context.service.limits))
             context.results.put("session-timing", key, found)
         return timings_from_json(found)
 
     def pick_variant(
         self, context: BuildContext, candidate: Candidate, full: bool
-    ) -> tuple[SessionVariant, dict[SessionVariant, dict[str, Any]], SessionTimings]:
-        """The session variant with the lowest worst-case peak (the first listed within RSS_TIE of it),
-        every listed variant's worst-case probe, and their timings; a candidate that misses a fidelity
-        gate gets the first listed only.
+    ) -> tuple[SessionVariant, dict[SessionVariant, dict[str, Any]]]:
+        """The session variant with the lowest worst-case peak (the first listed within RSS_TIE of it) and
+        every listed variant's worst-case probe; a candidate that misses a fidelity gate gets the first
+        listed only.
         Speed decides nothing here. Timed side by side on MiniLM (benchmarks/results/optimize-minilm-
         2026-12-06*.md), memory pattern on took 0.93-1.16x configured's time on the worst case and
         0.96-1.43x on one text, and peaked 20-34% higher. Arena off and prepacking off trade speed for
@@ -145,8 +154,7 @@ class MeasureStage:
         trials = {v: self.probe(context, candidate, self.options(v), worst) for v in variants}
         floor = min(t["vmhwm_mb"] for t in trials.values())
         variant = next(v for v in variants if trials[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
-        timed = self.session_timings(context, candidate) if len(variants) > 1 else {}
-        return variant, trials, timed
+        return variant, trials
 
     def curve(self, context: BuildContext, candidate: Candidate, options: dict[str, Any]) -> MemoryCurve:
         """Peaks at a few batch sizes of full-length rows, fitted as a line (pipeline/memory/curve.py)."""
@@ -161,7 +169,7 @@ class MeasureStage:
         No proof: `prove` adds it for the candidates the choice depends on (pipeline/stages/prove.py)."""
         limits = context.service.limits
         share = context.share_mb
-        variant, trials, timed = self.pick_variant(context, candidate, full)
+        variant, trials = self.pick_variant(context, candidate, full)
         options = self.options(variant)
         rows, curve = limits.max_batch, None
         if full and trials[variant]["vmhwm_mb"] > share:
@@ -185,7 +193,7 @@ class MeasureStage:
             session_variant=variant,
             session_options=options,
             session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
-            session_timings=timings_json(timed),
+            session_timings={},  # timed for the proven candidates only (with_session_timings)
         )
 
     def prove(self, context: BuildContext, candidate: Candidate, measured: Measurement) -> Measurement:

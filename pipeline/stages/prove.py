@@ -9,7 +9,8 @@ with the deciders: the candidate each applied criterion measured the others agai
 the 1.5× bar). A proof over the share fails that gate and the rest are ranked again. Once the chosen
 candidate and every decider fit, the others' absence could not change which candidates clear each bar,
 so the choice is the one that proving every candidate would make. The others keep their model-run
-figures, and the report shows them unproven.
+figures, and the report shows them unproven; the proven ones also get their session variants timed, for
+the report (pipeline/stages/measure.py).
 """
 
 from __future__ import annotations
@@ -103,3 +104,4 @@ class ProveStage:
                 cached = self.measure.proven_before(context, candidate, measured)  # a rerun reads, says nothing
                 with nullcontext() if cached else step(f"{context.model.name}: prove {name} through the request path"):
                     measurements[name] = self.measure.prove(context, candidate, measured)
+                measurements[name] = self.measure.with_session_timings(context, candidate, measurements[name])
