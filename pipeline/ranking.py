@@ -31,8 +31,8 @@ TEXTS_PER_ROUND = 20
 # Rounds of the worst-case input per session variant: each is one whole max_batch × max_seq_len run
 # (0.3-0.7 s for MiniLM, 4-9 s for mpnet), so fewer rounds than one-text timings get.
 WORST_CASE_ROUNDS = 3
-# A fresh process times every session variant of one candidate: about 10 s for MiniLM and 3 min for
-# mpnet on 2 cores; the limit allows for a machine shared with other work.
+# A fresh process times every session variant of one candidate: with the default two, 4-5 s for MiniLM
+# and 26 s for mpnet on 2 idle cores (more variants, a busy machine: minutes); the limit allows for that.
 SESSION_TIMING_TIMEOUT_S = 1800
 
 

@@ -387,10 +387,19 @@ def prove_stage_run(
     candidates = tuple(Candidate(name, Path(name), {}, 1.0) for name in evaluations)
     context = SimpleNamespace(model=SimpleNamespace(name="m", candidates=list(evaluations)), share_mb=464.0)
     state = BuildState(candidates=candidates, evaluations=evaluations, measurements=unproven)
-    fake_measure = SimpleNamespace(prove=prove, proven_before=lambda *_: False)
+
+    def with_session_timings(context: object, candidate: Candidate, measured: Measurement) -> Measurement:
+        return replace(measured, session_timings={"configured": {}})
+
+    fake_measure = SimpleNamespace(
+        prove=prove, proven_before=lambda *_: False, with_session_timings=with_session_timings
+    )
     stage = ProveStage(fake_measure, Gates(), "lowest_latency", 1.5)  # type: ignore[arg-type]
     monkeypatch.setattr(ProveStage, "timings", lambda self, context, state, passing: timed(evaluations, 0.01))
-    return proved, stage.run(context, state)  # type: ignore[arg-type]
+    result = stage.run(context, state)  # type: ignore[arg-type]
+    # The session variants are timed (for the report) exactly for the candidates proven.
+    assert {name for name, m in result.measurements.items() if m.session_timings} == set(proved)
+    return proved, result
 
 
 def test_only_the_candidates_approval_ranks_first_are_proven(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,11 +7,11 @@ max_seq_len) under each listed session-option variant, and the lowest peak picks
 listed on a tie). The variants are also timed side by side (pipeline/ranking.py), for the report, but
 only for the candidates the prove stage proves: the timings decide nothing, because the variants that
 cost speed cost it by amounts that sit either side of any threshold from one build to the next (see
-`pick_variant`), and they take ~5 s per MiniLM candidate, ~3 min per mpnet one. If the worst case does not fit the
-share, a few more batch sizes fit the memory curve, which gives `max_tokens_per_run`, verified by a
-real measurement (and stepped down until the measurement fits); the service then runs every request
-in micro-batches of at most that many tokens. A candidate that misses a fidelity gate cannot be
-approved: it is measured once, at the worst case, for the report.
+`pick_variant`), and they take 4-5 s per MiniLM candidate, 26 s per mpnet one on an idle machine. If
+the worst case does not fit the share, a few more batch sizes fit the memory curve, which gives
+`max_tokens_per_run`, verified by a real measurement (and stepped down until the measurement fits); the
+service then runs every request in micro-batches of at most that many tokens. A candidate that misses
+a fidelity gate cannot be approved: it is measured once, at the worst case, for the report.
 
 The proof (`prove`: the micro-batch's model runs, then the service's largest bodies through its request
 path) is the costliest probe; pipeline/stages/prove.py asks for it only for the candidates the choice
