@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline.config import ModelConfig, load_config
+from pipeline.data import load_dataset
 from pipeline.gates import RSS_TIE
 from pipeline.memory.cgroup import unavailable_reason as cgroup_reason
 from pipeline.memory.harness import GunicornService, MemorySampler, request_mix, run_mix
+from pipeline.sources import data_path
 from serve.artifacts import load_approved
 from serve.config import SessionSettings, load_service_config
 from serve.memory import status_mb
@@ -128,8 +131,14 @@ def test_real_service_stays_within_budget_and_its_proof_under_mixed_requests(min
         expected = runtime.embed(texts)
         assert ((served * expected).sum(1)).min() >= 0.9999  # both unit-normalized
 
-        # 180 shapes drawn over the whole accepted range (1-32 texts of 1-126 words) and 20 worst cases.
-        mix = request_mix(200, config.limits.max_batch, config.limits.max_seq_len)
+        # Real reviews first (a vocabulary, not one word; ragged rows), then 180 shapes drawn over the
+        # whole accepted range (1-32 texts of 1-126 words) and 20 worst cases.
+        model_config = REPO / "configs" / "models" / "minilm.yaml"
+        eval_config = load_config(model_config, ModelConfig).eval
+        reviews = load_dataset(data_path(eval_config.data, model_config), eval_config, model_config).test.texts
+        batch = config.limits.max_batch
+        mix = [reviews[i : i + batch] for i in range(0, 40 * batch, batch)]
+        mix += request_mix(200, batch, config.limits.max_seq_len)
         with MemorySampler(service.master_pid) as sampler:
             load = run_mix(service, "/api/embed", mix)
         worker_hwm = status_mb("VmHWM", service.worker_pids()[0])

@@ -1,14 +1,18 @@
-"""The allocator setting the service and the probe share: with glibc's mmap threshold fixed, freed large
-buffers go back to the OS even after a larger one was freed (the dynamic threshold keeps them)."""
+"""The two settings the service and the probe share: with glibc's mmap threshold fixed, freed large
+buffers go back to the OS even after a larger one was freed (the dynamic threshold keeps them); and a
+model folder's mapped files are resident from load, not page by page as requests read them."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from serve.memory import map_in_full
 from tests.helpers import REPO
 
 AFTER_A_LARGE_FREE = """
@@ -37,3 +41,34 @@ def test_pinned_threshold_returns_freed_buffers_and_the_dynamic_one_does_not() -
     assert pinned["pinned"] is True
     assert pinned["kept_mb"] < 5  # the one block still held
     assert dynamic["kept_mb"] > 30  # what a worker kept before the fix
+
+
+def resident_mb(path: Path) -> float:
+    """Rss of this process's mappings of `path` (/proc/self/smaps), in MB."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident / 1024
+
+
+def test_a_model_folders_mapped_files_are_read_in_full_and_no_other(tmp_path: Path) -> None:
+    folder, elsewhere = tmp_path / "model", tmp_path / "other"
+    folder.mkdir()
+    elsewhere.mkdir()
+    weights, other = folder / "model.prepacked.bin", elsewhere / "model.prepacked.bin"
+    for path in (weights, other):
+        path.write_bytes(bytes(range(256)) * (24 * 4096 + 7))  # 24 MB and a part page: never read past its end
+    with weights.open("rb") as a, other.open("rb") as b:
+        mapped = [mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for f in (a, b)]
+        mapped.append(mmap.mmap(a.fileno(), 8 * 2**20, access=mmap.ACCESS_READ, offset=8 * 2**20))
+        assert resident_mb(weights) < 1 and resident_mb(other) < 1
+        read = map_in_full(folder)
+        assert read == pytest.approx(weights.stat().st_size / 2**20 + 8)  # the whole file, and the window again
+        assert resident_mb(weights) == pytest.approx(read, abs=4 / 1024)
+        assert resident_mb(other) < 1
+        for view in mapped:
+            view.close()

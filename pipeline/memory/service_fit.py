@@ -51,7 +51,7 @@ from serve.apis.native import INFERENCE_PATHS
 from serve.artifacts import ApprovedArtifact, approval_pointer, load_approved, read_json
 from serve.memory import status_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb
-from serve.probe import hostile_bodies, sweep_requests, worst_case_texts
+from serve.probe import hostile_bodies, shape_history, sweep_requests, worst_case_texts
 
 FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
 # After a count overshoots, the next try aims to save this many times the overshoot: between arena steps
@@ -59,7 +59,7 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
 ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
-FIT_VERSION = 3  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 4  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -69,7 +69,8 @@ def load_bodies(artifacts: list[ApprovedArtifact], configs: LoadedConfigs) -> li
     bodies = []
     for artifact in artifacts:
         path = INFERENCE_PATHS[artifact.manifest["task"]]
-        requests = [worst_case_texts(limits.max_batch, limits.max_seq_len)]
+        requests = shape_history(limits.max_batch, limits.max_seq_len)
+        requests += [worst_case_texts(limits.max_batch, limits.max_seq_len)]
         requests += sweep_requests(limits.max_batch, limits.max_seq_len)
         bodies += [(path, json.dumps({"model": artifact.model, "inputs": texts}).encode()) for texts in requests]
         chars = int(artifact.manifest["limits"]["max_input_chars"])

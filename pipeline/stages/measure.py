@@ -44,7 +44,7 @@ from serve.config import SessionSettings
 from serve.runtime import MODEL_FILE
 
 SESSION_TIMING_VERSION = 1  # bump when session timing changes: cached timings keyed on it are then redone
-MEASUREMENT_VERSION = 12  # bump when probing changes: cached probes keyed on it are then redone
+MEASUREMENT_VERSION = 13  # bump when probing changes: cached probes keyed on it are then redone
 
 
 def request_path_figures(probe: dict[str, Any]) -> dict[str, Any] | None:
