@@ -160,13 +160,13 @@ def test_a_service_where_products_saturate_refuses_int8_approved_where_they_did_
     check_int8_kernels(approved, "minilm")
 
 
-def approve_as_full_range_int8_from_a_vnni_cpu(model_dir: Path) -> None:
-    """Rewrite an approval's manifest (and re-sign its pointer) as a full-range int8 variant measured
-    on a CPU whose products do not saturate."""
+def approve_as_int8_from_a_vnni_cpu(model_dir: Path, reduce_range: bool = False) -> None:
+    """Rewrite an approval's manifest (and re-sign its pointer) as an int8 variant, full-range or with
+    7-bit weights (`reduce_range`), measured on a CPU whose products do not saturate."""
     pointer = json.loads((model_dir / APPROVED_FILE).read_text())
     path = model_dir / pointer["manifest"]
     approved = json.loads(path.read_text())
-    approved["variant"].update(precision="int8", weight_type="QInt8", reduce_range=False)
+    approved["variant"].update(precision="int8", weight_type="QInt8", reduce_range=reduce_range)
     approved["machine"]["int8_products_saturate"] = False
     path.write_text(json.dumps(approved))
     pointer["sha256"] = sha256_bytes(path.read_bytes())
@@ -178,7 +178,8 @@ def test_the_service_and_verify_refuse_it_and_serve_the_other_models(
 ) -> None:
     artifacts = tmp_path / "artifacts"
     shutil.copytree(tiny_run.artifacts, artifacts)
-    approve_as_full_range_int8_from_a_vnni_cpu(artifacts / "tiny-embed")
+    approve_as_int8_from_a_vnni_cpu(artifacts / "tiny-embed")
+    approve_as_int8_from_a_vnni_cpu(artifacts / "tiny-clf", reduce_range=True)  # 7 bits never saturate
     monkeypatch.setenv("ARTIFACTS_DIR", str(artifacts))
     monkeypatch.setattr(serve.cpu, "int8_products_saturate", lambda: True)
     service = Service.from_config(tiny_run.service)
