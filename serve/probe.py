@@ -37,7 +37,7 @@ def shape_history(max_batch: int, seq_len: int) -> list[list[str]]:
     """Requests of ragged rows (each three tokens shorter than the one before) at longest lengths rising
     from a quarter of `seq_len` to all of it. ONNX Runtime's arena keeps the chunks it carved for every
     shape a worker ran, and a later worst case extends past them: mpnet peaked 33 MB higher on its worst
-    case after these than on the worst case alone, and 40 MB after 320 real reviews. The probe and the
+    case after these than on the worst case alone, and 37 MB after 320 real reviews. The probe and the
     service fit send them before the worst case."""
     step = max(1, seq_len // 8)
     return [

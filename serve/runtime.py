@@ -128,7 +128,7 @@ class ModelRuntime:
             str(self.weights.path), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.mapped_mb = map_in_full(folder)  # the weights ONNX Runtime mapped, resident from now on
+        map_in_full(folder)  # the weights ONNX Runtime mapped, resident from now on (serve/memory.py)
 
     def bound(self, texts: Sequence[str], truncate: bool = True) -> list[str]:
         """The texts cut to `max_input_chars` (truncate) or refused over it, before any tokenizing: the
