@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.memory.service_fit import Activations, Savings, cgroup_peak, counted_peak, line, on_line
+from pipeline.memory.service_fit import Activations, Savings, cgroup_peak, line, on_line
+from serve.planner import counted_peak
 
 
 def undisturbed_runs(path: Path) -> list[dict[str, Any]]:

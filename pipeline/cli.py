@@ -116,7 +116,9 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     )
     print(
         f"  peak  RSS master {peak['master_rss']:.1f} + worker {peak['worker_rss']:.1f} = {peak['total_rss']:.1f} MB;"
-        f" PSS {peak['total_pss']:.1f} MB; worker VmHWM {result['worker_vmhwm_mb']:.1f} MB"
+        f" PSS {peak['total_pss']:.1f} MB"
+        + (f", own pages {peak['total_own']:.1f} MB" if "total_own" in peak else "")
+        + f"; worker VmHWM {result['worker_vmhwm_mb']:.1f} MB"
     )
     print(
         f"  latency p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms; {result['requests_per_s']:.1f} req/s;"

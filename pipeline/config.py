@@ -157,6 +157,8 @@ SESSION_VARIANTS: dict[SessionVariant, dict[str, bool]] = {
 # others; a margin above the gaps that flip keeps the same inputs approving the same variant.
 MIN_SPEEDUP = 1.5
 
+MicroBatch = Literal["fewest_at_full_speed", "largest_that_fits"]
+
 DEFAULT_CANDIDATES = [
     "fp32",
     "fp32-optimized",
@@ -180,6 +182,9 @@ class ModelConfig(StrictModel):
     measure_repeats: int = Field(5, gt=0, le=100)
     objective: Literal["lowest_peak_rss", "lowest_latency"] = "lowest_peak_rss"
     min_speedup: float = Field(MIN_SPEEDUP, ge=1.0, le=10.0)
+    # Rows per session run: the fewest the whole batch is not measurably faster than (pipeline/
+    # micro_batch.py), or the whole batch; either lowered further while the share does not hold it.
+    micro_batch: MicroBatch = "fewest_at_full_speed"
 
     @model_validator(mode="after")
     def _finetune_needs_labels(self) -> ModelConfig:

@@ -16,9 +16,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pipeline.memory.probe import run_fresh
 from serve.config import Limits, SessionSettings
@@ -86,15 +87,22 @@ def timings_from_json(found: dict[str, dict[str, dict[str, Any]]]) -> SessionTim
     return {variant: {kind: Timing(**t) for kind, t in kinds.items()} for variant, kinds in found.items()}
 
 
+class Embedder(Protocol):
+    def embed(self, texts: list[str]) -> object: ...
+
+
+Name = TypeVar("Name")
+
+
 def time_interleaved(
-    runtimes: dict[str, ModelRuntime], requests: list[list[str]], rounds: int = ROUNDS
-) -> dict[str, Timing]:
+    runtimes: Mapping[Name, Embedder], requests: list[list[str]], rounds: int = ROUNDS
+) -> dict[Name, Timing]:
     """Each round runs the same requests on every runtime, one runtime at a time, in an order rotated
     per round; a round's figure is its fastest request."""
     names = list(runtimes)
     for runtime in runtimes.values():
         runtime.embed(requests[0])  # warm-up
-    fastest: dict[str, list[float]] = {name: [] for name in names}
+    fastest: dict[Name, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:

@@ -48,6 +48,7 @@ def candidate_rows(run: ModelRun) -> list[dict[str, Any]]:
                 "session_variant": measurement.session_variant,
                 "session_trials_mb": measurement.session_trials,
                 "session_timings": measurement.session_timings,
+                "micro_batch_timings": measurement.micro_batch_timings,
                 "search": candidate.search,
                 "settings": candidate.settings,
                 "p50_ms": evaluation.latency_ms["p50"],
@@ -262,7 +263,11 @@ def time_line(seconds: dict[str, float]) -> str:
 def service_fit_lines(fit: dict[str, Any]) -> list[str]:
     """The real service per worker count, and how one worker's memory divides by model."""
     verdict = "fits" if fit["fits"] else "DOES NOT FIT"
-    counted = "PSS sum of master and workers" if fit["counted_by"] == "pss" else "larger of cgroup peak and PSS sum"
+    counted = {
+        "pss": "PSS sum of master and workers",
+        "own pages": "own pages of master and workers",
+        "max(cgroup, pss)": "larger of cgroup peak and PSS sum",
+    }.get(fit["counted_by"], "larger of cgroup peak and own pages")
     one = fit["one_process"]
     lines = [
         "## Whole service (the real gunicorn service, every worker at every model's worst case at once)",
@@ -275,12 +280,13 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         + (f" Measured in {fit['seconds']:,.1f} s" if "seconds" in fit else "")
         + (" by an earlier run of the same approved files and settings, reused." if fit.get("reused") else "."),
         "",
-        "Line: the counted peak the line through the runs predicts for that run, and its error; cgroup line: "
-        "the same through the cgroup peaks alone.",
+        "Own pages: every page master and workers map, counted once (a PSS sum gives away the share of pages "
+        "that processes outside the service map too). Line: the counted peak the line through the runs "
+        "predicts for that run, and its error; cgroup line: the same through the cgroup peaks alone.",
         "",
-        "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | RSS sum MB | line MB (error) "
-        "| cgroup line MB (error) | planned MB | worker VmHWM MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | own pages MB | RSS sum MB "
+        "| line MB (error) | cgroup line MB (error) | planned MB | worker VmHWM MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in fit["runs"]:
         group = run["cgroup"] or {}
@@ -288,7 +294,8 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {run['workers']} | {run['tokens_per_run']} | {_fmt(group.get('peak_mb'), 1)} | "
             f"{group.get('failcnt', '-')} | {group.get('oom_kills', '-')} | {run['pss_peak_mb']:.1f} | "
-            f"{run['rss_sum_peak_mb']:.1f} | {run['line_mb']:.1f} ({run['line_error']:+.1%}) | {cgroup_line} | "
+            f"{_fmt(run.get('own_peak_mb'), 1)} | {run['rss_sum_peak_mb']:.1f} | "
+            f"{run['line_mb']:.1f} ({run['line_error']:+.1%}) | {cgroup_line} | "
             f"{run['planned_mb']:.1f}{'' if run['fits'] else ' (over)'} | "
             f"{', '.join(map(str, run['worker_vmhwm_mb']))} |"
         )

@@ -114,6 +114,8 @@ class Measurement:
     session_options: dict[str, Any]
     session_trials: dict[str, float]  # session variant -> worst-case peak MB
     session_timings: dict[str, dict[str, dict[str, Any]]]  # variant -> worst_case / one_text -> Timing JSON
+    # rows per run -> worst-case Timing JSON, behind the micro-batch by speed (empty: not timed)
+    micro_batch_timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def max_tokens_per_run(self) -> int:

@@ -32,6 +32,16 @@ MASTER_IMPORTS = f"import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner,
 SERVICE_FIT_FILE = "service-fit.json"
 
 
+def counted_peak(run: dict[str, Any]) -> float:
+    """What a service-fit run counts: the larger of the cgroup's peak and the service's own resident
+    pages (the PSS sum where frame numbers were hidden). Each misses something a container counts: the
+    cgroup is not charged for file pages another cgroup read first (here: the libraries the build itself
+    loaded), and a PSS sum gives away the share of pages processes outside the service map too, and
+    leaves out page cache that no process maps."""
+    own = run.get("own_peak_mb") or run["pss_peak_mb"]
+    return max(float(run["cgroup"]["peak_mb"]) if run["cgroup"] else 0.0, float(own))
+
+
 def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
     """Peak of one worker hosting several models: the import floor once, plus each model's own share above
     it (peak − floor), each measured alone in a fresh process at its worst-case input."""
@@ -81,10 +91,9 @@ class WorkerFigures:
         """Predicted peak of master + `workers` workers, and the arithmetic behind it."""
         run = self.measured_run(workers)
         if self.fit is not None and run is not None:
-            counted = max(float((run["cgroup"] or {}).get("peak_mb", 0.0)), float(run["pss_peak_mb"]))
             return float(run["planned_mb"]), (
                 f"measured with {workers} worker{'s' if workers > 1 else ''} at {run['tokens_per_run']} tokens per "
-                f"run: {counted:,.0f} + {workers} × waiting bodies {self.fit['held_bodies_mb']:,.0f} MB"
+                f"run: {counted_peak(run):,.0f} + {workers} × waiting bodies {self.fit['held_bodies_mb']:,.0f} MB"
             )
         if self.fit is None:
             needed = master_mb + workers * self.worker_peak_mb
@@ -161,7 +170,7 @@ def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
     measured = {run["workers"]: run for run in (figures.fit or {}).get("runs", [])}
     lines = [
         "workers | tokens/run | predicted MB | predicted cgroup MB | measured cgroup peak MB | measured PSS sum MB "
-        "| planned MB | fits"
+        "| measured own pages MB | planned MB | fits"
     ]
     for workers in range(1, up_to + 1):
         needed, _ = figures.needed_mb(workers, master_mb)
@@ -171,7 +180,8 @@ def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
         fits = needed <= config.budget_mb and workers <= figures.most_workers(config.budget_mb, master_mb)
         lines.append(
             f"{workers} | {run.get('tokens_per_run', 'full')} | {predicted} | {cgroup.get('peak_mb', '-')} | "
-            f"{run.get('pss_peak_mb', '-')} | {needed:,.0f} | {'yes' if fits else 'no'}"
+            f"{run.get('pss_peak_mb', '-')} | {run.get('own_peak_mb') or '-'} | {needed:,.0f} | "
+            f"{'yes' if fits else 'no'}"
         )
     return lines
 

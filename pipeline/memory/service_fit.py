@@ -1,7 +1,7 @@
 """Whole-service fit, measured the way the kernel counts: the real service (serve/gunicorn.conf.py on
 127.0.0.1) with W = 1, 2, … workers (up to the service's `fit_max_workers`), inside a memory cgroup
 limited to the budget where one can be created, while a separate process samples the PSS of master and
-workers.
+workers and counts the pages they map (each once: their own pages, as a container holding only them).
 
 Every worker runs every load body at the same moment: the fit starts gunicorn with one connection per
 worker (WORKER_CONNECTIONS=1), opens W connections, sends each all but the last byte of the body, and
@@ -14,8 +14,8 @@ body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rathe
 A least-squares line through the measured peaks (of the runs where no worker was killed), each raised by
 what its workers' VmHWM shows their smaller micro-batch saved, gives the planner its figures: W workers
 at full tokens per run cost base + W × per worker. The line runs through the counted peak (the larger of
-cgroup peak and PSS sum); a second line runs through the cgroup peaks alone, so that the plan predicts
-each counter the kernel keeps, not only the larger. The one-process probe of all models together stays
+cgroup peak and own pages, serve/planner.py); a second line runs through the cgroup peaks alone, so that
+the plan predicts each counter the kernel keeps, not only the larger. The one-process probe of all models together stays
 as the fast first estimate and as the watchdog's floor.
 
 The fit is cached under build/_service/, keyed by every approved file's sha256, each model's session
@@ -50,7 +50,7 @@ from pipeline.progress import step
 from serve.apis.native import INFERENCE_PATHS
 from serve.artifacts import ApprovedArtifact, approval_pointer, load_approved, read_json
 from serve.memory import status_mb
-from serve.planner import SERVICE_FIT_FILE, idle_master_mb
+from serve.planner import SERVICE_FIT_FILE, counted_peak, idle_master_mb
 from serve.probe import hostile_bodies, shape_history, sweep_requests, worst_case_texts
 
 FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
@@ -59,7 +59,7 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
 ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
-FIT_VERSION = 4  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 5  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -156,8 +156,8 @@ def measure_workers(
     service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[tuple[str, bytes]]
 ) -> dict[str, Any]:
     """The service with `workers` workers, each running at most `tokens` per session run, under the
-    lockstep load: cgroup peak (where one can be made), PSS and RSS sums, each worker's VmHWM, and
-    whether a worker was killed or replaced."""
+    lockstep load: cgroup peak (where one can be made), PSS and RSS sums, own pages, each worker's VmHWM,
+    and whether a worker was killed or replaced."""
     reason = unavailable_reason()
     group: AbstractContextManager[Any] = MemoryCgroup(budget_mb, "memfit-fit") if reason is None else nullcontext()
     env = {
@@ -184,6 +184,7 @@ def measure_workers(
         "cgroup": None if figures is None else vars(figures),
         "cgroup_unavailable": reason,
         "pss_peak_mb": peak["total_pss"],
+        "own_peak_mb": peak.get("total_own"),
         "rss_sum_peak_mb": peak["total_rss"],
         "master_pss_peak_mb": peak["master_pss"],
         "worker_vmhwm_mb": worker_hwm,
@@ -193,14 +194,6 @@ def measure_workers(
         "max_sample_gap_ms": sampler.result["max_gap_ms"],
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def counted_peak(run: dict[str, Any]) -> float:
-    """The larger of the cgroup's peak and the PSS sum. Each misses something a container counts: the
-    cgroup is not charged for file pages another cgroup read first (here: the libraries the build itself
-    loaded), and PSS splits pages shared with processes outside the service and leaves out page cache
-    that no process maps."""
-    return max(float(run["cgroup"]["peak_mb"]) if run["cgroup"] else 0.0, float(run["pss_peak_mb"]))
 
 
 def cgroup_peak(run: dict[str, Any]) -> float:
@@ -399,9 +392,10 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     worker_peak = max([one_process["worker_peak_mb"], *(hwm for r in runs for hwm in r["worker_vmhwm_mb"])])
     models = one_process.pop("models")
     first = runs[0]
+    own = "own pages" if first.get("own_peak_mb") else "pss"
     return {
         "budget_mb": budget,
-        "counted_by": "max(cgroup, pss)" if first["cgroup"] else "pss",
+        "counted_by": f"max(cgroup, {own})" if first["cgroup"] else own,
         "base_mb": round(base, 1),
         "per_worker_mb": round(per_worker, 1),
         "cgroup_line_mb": cgroup_line,  # [base, per worker] through the cgroup peaks; None without a cgroup

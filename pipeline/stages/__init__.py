@@ -32,7 +32,9 @@ def default_pipeline(context: BuildContext) -> list[Stage]:
     from pipeline.stages.prove import ProveStage
 
     model = context.model
-    measure = MeasureStage(model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates)
+    measure = MeasureStage(
+        model.session_options, tuple(model.session_variants), model.measure_repeats, model.gates, model.micro_batch
+    )
     return [
         DataStage(model.eval),
         LoadStage(model.source),

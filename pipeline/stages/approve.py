@@ -71,6 +71,7 @@ def build_manifest(
         "session_variant": measurement.session_variant,
         "session_trials_mb": measurement.session_trials,
         "session_timings": measurement.session_timings,
+        "micro_batch_timings": measurement.micro_batch_timings,
         "accuracy": evaluation.accuracy,
         "latency_ms": evaluation.latency_ms,
         "throughput_per_s": evaluation.throughput,

@@ -1,6 +1,8 @@
 """Peak RSS of each candidate, in a fresh process, as a function of input size, under the session
-options that measure lowest, and the largest micro-batch (tokens per session run) that keeps it within
-the model's budget share.
+options that measure lowest, at the micro-batch (tokens per session run) the service will run: the
+fewest full-length rows the whole batch is not measurably faster than (pipeline/micro_batch.py; the
+config's `micro_batch: largest_that_fits` keeps the whole batch), lowered while it does not fit the
+model's budget share.
 
 A candidate that meets the fidelity gates is measured at its worst-case input (max_batch ×
 max_seq_len) under each listed session-option variant, and the lowest peak picks the variant (the first
@@ -8,7 +10,7 @@ listed on a tie). The variants are also timed side by side (pipeline/ranking.py)
 only for the candidates the prove stage proves: the timings decide nothing, because the variants that
 cost speed cost it by amounts that sit either side of any threshold from one build to the next (see
 `pick_variant`), and they take 4-5 s per MiniLM candidate, 26 s per mpnet one on an idle machine. If
-the worst case does not fit the share, a few more batch sizes fit the memory curve, which gives
+the micro-batch does not fit the share, a few more batch sizes fit the memory curve, which gives
 `max_tokens_per_run`, verified by a real measurement (and stepped down until the measurement fits); the
 service then runs every request in micro-batches of at most that many tokens. A candidate that misses
 a fidelity gate cannot be approved: it is measured once, at the worst case, for the report.
@@ -24,10 +26,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.cache import cache_key
-from pipeline.config import SESSION_VARIANTS, Gates, SessionVariant
+from pipeline.config import SESSION_VARIANTS, Gates, MicroBatch, SessionVariant
 from pipeline.gates import RSS_TIE, evaluation_failures
 from pipeline.memory.curve import MemoryCurve, curve_batches
 from pipeline.memory.probe import ProbeError, run_probe
+from pipeline.micro_batch import (
+    MICRO_BATCH_SLOWDOWN,
+    MICRO_BATCH_VERSION,
+    fewest_rows_at_full_speed,
+    row_timings_from_json,
+    row_timings_json,
+    time_micro_batches,
+)
 from pipeline.progress import bar, step
 from pipeline.ranking import (
     ROUNDS,
@@ -66,6 +76,7 @@ class MeasureStage:
     variants: tuple[SessionVariant, ...]
     repeats: int
     gates: Gates
+    micro_batch: MicroBatch = "fewest_at_full_speed"
     name: str = "measure"
 
     def probe(
@@ -156,6 +167,29 @@ class MeasureStage:
         variant = next(v for v in variants if trials[v]["vmhwm_mb"] <= floor * (1 + RSS_TIE))
         return variant, trials
 
+    def micro_batch_rows(
+        self, context: BuildContext, candidate: Candidate, options: dict[str, Any]
+    ) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Rows per run by speed (pipeline/micro_batch.py) and the worst-case timings behind them, cached
+        on the model's bytes and the session options; the whole batch, untimed, under
+        `largest_that_fits`."""
+        limits = context.service.limits
+        if self.micro_batch == "largest_that_fits" or limits.max_batch == 1:
+            return limits.max_batch, {}
+        key = cache_key(
+            version=MICRO_BATCH_VERSION,
+            model=sha256_file(candidate.folder / MODEL_FILE),
+            options=options,
+            limits=limits.model_dump(),
+            slowdown=MICRO_BATCH_SLOWDOWN,
+        )
+        found = context.results.get("micro-batch-timing", key)
+        if found is None:
+            with step(f"{context.model.name}: time {candidate.variant} at fewer rows per run"):
+                found = row_timings_json(time_micro_batches(candidate.folder, SessionSettings(**options), limits))
+            context.results.put("micro-batch-timing", key, found)
+        return fewest_rows_at_full_speed(row_timings_from_json(found), limits.max_batch), found
+
     def curve(self, context: BuildContext, candidate: Candidate, options: dict[str, Any]) -> MemoryCurve:
         """Peaks at a few batch sizes of full-length rows, fitted as a line (pipeline/memory/curve.py)."""
         seq_len = context.service.limits.max_seq_len
@@ -164,15 +198,17 @@ class MeasureStage:
         return MemoryCurve.fit(points)
 
     def measure(self, context: BuildContext, candidate: Candidate, full: bool) -> Measurement:
-        """The session variant, the worst case and, where the worst case is over the share, the curve
-        and the largest micro-batch whose model runs fit it (stepped down while a measurement is over).
-        No proof: `prove` adds it for the candidates the choice depends on (pipeline/stages/prove.py)."""
+        """The session variant, the worst case, the micro-batch by speed and, where that is over the
+        share, the curve and the largest micro-batch whose model runs fit it (stepped down while a
+        measurement is over). No proof: `prove` adds it for the candidates the choice depends on
+        (pipeline/stages/prove.py)."""
         limits = context.service.limits
         share = context.share_mb
         variant, trials = self.pick_variant(context, candidate, full)
         options = self.options(variant)
-        rows, curve = limits.max_batch, None
-        if full and trials[variant]["vmhwm_mb"] > share:
+        rows, timings = self.micro_batch_rows(context, candidate, options) if full else (limits.max_batch, {})
+        curve = None
+        if full and self.probe(context, candidate, options, rows)["vmhwm_mb"] > share:
             curve = self.curve(context, candidate, options)
             rows = max(1, curve.rows_within(share, limits.max_seq_len, rows))
             while rows > 1 and self.probe(context, candidate, options, rows)["vmhwm_mb"] > share:
@@ -194,6 +230,7 @@ class MeasureStage:
             session_options=options,
             session_trials={v: r["vmhwm_mb"] for v, r in trials.items()},
             session_timings={},  # timed for the proven candidates only (with_session_timings)
+            micro_batch_timings=timings,
         )
 
     def prove(self, context: BuildContext, candidate: Candidate, measured: Measurement) -> Measurement:
