@@ -4,8 +4,9 @@ cores ran a 32 × 128 request in 514 ms one row per run and 548 ms all 32 rows i
 peaked at 169 MB against 279 (benchmarks/results/micro-batch-minilm-2026-12-06.md). Memory a run holds
 without making it faster is memory every worker pays for nothing.
 
-One candidate is timed in a fresh process whose allocator is set as a worker's, on the worst-case input:
-its whole batch in one run beside 1, 2, 4, … rows per run, interleaved round by round (pipeline/ranking.py),
+One candidate is timed on one intra-op thread in a fresh process whose allocator is set as a worker's, on
+the worst-case input: its whole batch in one run beside 1, 2, 4, … rows per run, interleaved round by round
+(pipeline/ranking.py),
 the ladder stopping at the first count the whole batch (as timed beside the first step) is not faster than
 by MICRO_BATCH_SLOWDOWN and by more than the rounds' spread. Memory can then only lower the count
 (pipeline/stages/measure.py).
@@ -30,7 +31,7 @@ from serve.runtime import ModelRuntime
 # Fewer rows per run are kept unless the whole batch is this many times as fast (and by more than the
 # spread of the rounds): a rule noise cannot flip where the speed is flat, which it is on CPU.
 MICRO_BATCH_SLOWDOWN = 1.1
-MICRO_BATCH_VERSION = 1  # bump when the timing changes: cached timings keyed on it are then redone
+MICRO_BATCH_VERSION = 2  # bump when the timing changes: cached timings keyed on it are then redone
 # One candidate's ladder: 3 rounds of two worst-case requests per step (MiniLM int8 ~4 s a step, mpnet
 # ~30 s, on 2 idle cores); the limit allows for a busy machine and every step.
 MICRO_BATCH_TIMEOUT_S = 1800
@@ -72,7 +73,10 @@ def time_micro_batches_here(spec: dict[str, Any]) -> dict[int, Timing]:
     """time_micro_batches' measurement, in this process (a fresh one)."""
     limits = Limits.model_validate(spec["limits"])
     batch, seq_len = limits.max_batch, limits.max_seq_len
-    settings = SessionSettings.model_validate(spec["session"])
+    # One intra-op thread: with two, each run waits for both threads, and on a busy machine a descheduled
+    # thread made small runs dear (one row 1.36× the whole batch in a CI build beside an mpnet build, 0.99×
+    # idle), so the choice followed the machine's load. Workers beyond one run one thread each anyway.
+    settings = SessionSettings.model_validate(spec["session"]).model_copy(update={"intra_op_num_threads": 1})
     runtime = ModelRuntime(Path(spec["folder"]), settings, seq_len, batch * seq_len, batch)
     worst = [worst_case_texts(batch, seq_len)] * 2
     timings: dict[int, Timing] = {}
