@@ -6,10 +6,9 @@ without making it faster is memory every worker pays for nothing.
 
 One candidate is timed on one intra-op thread in a fresh process whose allocator is set as a worker's, on
 the worst-case input: its whole batch in one run beside 1, 2, 4, … rows per run, interleaved round by round
-(pipeline/ranking.py),
-the ladder stopping at the first count the whole batch (as timed beside the first step) is not faster than
-by MICRO_BATCH_SLOWDOWN and by more than the rounds' spread. Memory can then only lower the count
-(pipeline/stages/measure.py).
+(pipeline/ranking.py), the ladder stopping at the first count the whole batch (as timed beside the first
+step) is not faster than by MICRO_BATCH_SLOWDOWN and by more than the rounds' spread. Memory can then only
+lower the count (pipeline/stages/measure.py).
 
 Usage: python -m pipeline.micro_batch SPEC_JSON (prints one JSON line).
 """
@@ -32,8 +31,8 @@ from serve.runtime import ModelRuntime
 # spread of the rounds): a rule noise cannot flip where the speed is flat, which it is on CPU.
 MICRO_BATCH_SLOWDOWN = 1.1
 MICRO_BATCH_VERSION = 2  # bump when the timing changes: cached timings keyed on it are then redone
-# One candidate's ladder: 3 rounds of two worst-case requests per step (MiniLM int8 ~4 s a step, mpnet
-# ~30 s, on 2 idle cores); the limit allows for a busy machine and every step.
+# One candidate's ladder: 3 rounds of two worst-case requests a side per step (MiniLM int8: 16.9 s for the
+# one step it took, on one thread beside a CI run); the limit allows for a large model and every step.
 MICRO_BATCH_TIMEOUT_S = 1800
 
 
