@@ -73,7 +73,7 @@ def time_micro_batches_here(spec: dict[str, Any]) -> dict[int, Timing]:
     limits = Limits.model_validate(spec["limits"])
     batch, seq_len = limits.max_batch, limits.max_seq_len
     # One intra-op thread: with two, each run waits for both threads, and on a busy machine a descheduled
-    # thread made small runs dear (one row 1.36× the whole batch in a CI build beside an mpnet build, 0.99×
+    # thread made small runs dear (one row 1.36× the whole batch in a CI build beside an mpnet build, 1.01×
     # idle), so the choice followed the machine's load. Workers beyond one run one thread each anyway.
     settings = SessionSettings.model_validate(spec["session"]).model_copy(update={"intra_op_num_threads": 1})
     runtime = ModelRuntime(Path(spec["folder"]), settings, seq_len, batch * seq_len, batch)
