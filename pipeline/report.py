@@ -272,8 +272,11 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
     lines = [
         "## Whole service (the real gunicorn service, every worker at every model's worst case at once)",
         "",
+        f"Every worker held {fit.get('held_requests', 1)} of each round of requests: one running, the rest "
+        "waiting for the inference lock with their bodies read.",
+        "",
         f"One worker: {fit['total_mb']:.1f} MB of {fit['budget_mb']:.0f} MB ({counted}, plus "
-        f"{fit['held_bodies_mb']:.0f} MB of bodies waiting for the inference lock): **{verdict}**. "
+        f"{fit['held_bodies_mb']:.0f} MB for the other bodies a worker's threads can hold): **{verdict}**. "
         f"At full tokens per run, W workers cost {fit['base_mb']:.1f} + W × ({fit['per_worker_mb']:.1f} + "
         f"{fit['held_bodies_mb']:.0f}) MB; more workers were measured at fewer tokens per run, up to "
         f"{fit['max_workers_measured']} within the budget (planned: the measured peak plus the waiting bodies)."

@@ -36,8 +36,8 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '10000')}"
 # (serve/worker.py says why). THREADS is part of what the build proves (bodies waiting for the lock).
 worker_class = "serve.worker.BoundedThreadWorker"
 threads = service.threads
-# Connections one worker holds at once. `memfit optimize` measures the fit with 1, so that every worker
-# takes one of each round of requests; a service keeps the default.
+# Connections one worker holds at once. `memfit optimize` measures the fit with 2, so that every worker
+# takes two of each round of requests (one runs, one waits); a service keeps the default.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 keepalive = int(os.environ.get("KEEPALIVE", "2"))
 timeout = int(os.environ.get("TIMEOUT", "60"))

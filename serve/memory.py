@@ -73,10 +73,11 @@ def status_mb(field: str = "VmRSS", pid: int | str = "self") -> float:
 
 
 def rollup_mb(pid: int | str = "self") -> dict[str, float]:
-    """Rss and Pss of /proc/<pid>/smaps_rollup in MB (PSS splits pages shared with other processes)."""
+    """Rss, Pss and Pss_Anon of /proc/<pid>/smaps_rollup in MB (PSS splits pages shared with other
+    processes; its anonymous part, with the processes forked from the same parent)."""
     figures = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
+        if key in ("Rss", "Pss", "Pss_Anon"):
             figures[key.lower()] = int(rest.split()[0]) / 1024
     return figures

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.memory.harness import own_pages_mb, shared_outside_mb
+from pipeline.memory.harness import own_pages_mb
 from serve.memory import map_in_full, rollup_mb
 from tests.helpers import REPO
 
@@ -92,7 +92,8 @@ os.kill(child, 9)
 def test_own_pages_count_each_resident_page_once_and_none_given_away() -> None:
     """A process and its forked child share a 48 MB buffer: their RSS sum counts it twice, their own
     pages once. PSS splits the pages they share with this (outside) process, the interpreter and its
-    libraries; own pages count them in full, and shared_outside_mb is that difference."""
+    libraries; own pages count them in full. Own pages are the anonymous part of their PSS (private
+    pages only they map) plus their distinct file pages: how the sampler counts them while they run."""
     with subprocess.Popen(
         [sys.executable, "-c", FORKED_WITH_A_BUFFER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     ) as parent:
@@ -104,11 +105,10 @@ def test_own_pages_count_each_resident_page_once_and_none_given_away() -> None:
             pytest.skip("frame numbers are hidden from this process (needs CAP_SYS_ADMIN)")
         rollups = [rollup_mb(pid) for pid in pids]
         together = own_pages_mb(pids)
-        outside = shared_outside_mb(pids[0])
+        file_pages = own_pages_mb(pids, file_only=True)
         parent.stdin.close()
-    assert together is not None and outside is not None
+    assert together is not None and file_pages is not None
     assert abs(alone - rollups[0]["rss"]) < 0.5  # one process: its own pages are its RSS
     assert 48 < together < sum(r["rss"] for r in rollups) - 46  # the buffer once, not twice
-    pss = sum(r["pss"] for r in rollups)
-    assert together - pss > 1.0  # the interpreter's pages this test process maps too, given away by PSS
-    assert abs(outside - (together - pss)) < 0.5
+    assert together - sum(r["pss"] for r in rollups) > 1.0  # the interpreter's pages this process maps too
+    assert abs(sum(r["pss_anon"] for r in rollups) + file_pages - together) < 0.5

@@ -111,7 +111,7 @@ def test_a_count_over_the_budget_is_measured_again_at_least_its_overshoot_lower(
 
 
 def test_the_accept_queue_counts_connections_no_worker_has_taken_yet() -> None:
-    """The load releases its held bodies once the queue is empty, i.e. every worker holds one."""
+    """The load releases its held bodies once the queue is empty, i.e. every worker holds its share."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -134,7 +134,9 @@ def test_the_fit_measures_up_to_the_services_worker_count(
         monkeypatch.setenv("FIT_MAX_WORKERS", setting)
     measured: list[int] = []
 
-    def measure_workers(path: Path, workers: int, tokens: int, budget: float, bodies: list[Any]) -> dict[str, Any]:
+    def measure_workers(
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+    ) -> dict[str, Any]:
         measured.append(workers)
         measured_run = run(workers, tokens, per_worker=90.0)
         measured_run["cgroup"]["oom_kills"] = 0
@@ -155,7 +157,9 @@ def fit_with(monkeypatch: pytest.MonkeyPatch, cgroup: bool) -> dict[str, Any]:
     """measure_fit over runs whose cgroup is charged 45 MB less than the PSS sum at any count, and 12 MB
     less per worker (pages another cgroup read first are not charged to the service's); or no cgroup."""
 
-    def measure_workers(path: Path, workers: int, tokens: int, budget: float, bodies: list[Any]) -> dict[str, Any]:
+    def measure_workers(
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+    ) -> dict[str, Any]:
         measured = run(workers, tokens, per_worker=90.0)
         pss = measured["pss_peak_mb"]
         measured["cgroup"] = {"peak_mb": pss - 45.0 - 12.0 * workers, "oom_kills": 0} if cgroup else None

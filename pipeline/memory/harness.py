@@ -47,13 +47,15 @@ def children(pid: int) -> list[int]:
 
 
 PRESENT = np.uint64(1 << 63)  # /proc/<pid>/pagemap: bit 63, the page is resident; bits 0-54, its frame
+FILE_OR_SHARED = np.uint64(1 << 61)  # bit 61: a file page or shared anonymous memory (not private anon)
 FRAME = np.uint64((1 << 55) - 1)
 USER_SPACE_END = 1 << 47  # above it only [vsyscall], which pagemap does not describe
 
 
-def resident_frames(pid: int) -> np.ndarray:
-    """Physical frame numbers of the resident pages `pid` maps. The kernel shows them to CAP_SYS_ADMIN
-    only; to anyone else they read as zero."""
+def resident_frames(pid: int, file_only: bool = False) -> np.ndarray:
+    """Physical frame numbers of the resident pages `pid` maps (`file_only`: of its file and shared
+    anonymous pages). The kernel shows them to CAP_SYS_ADMIN only; to anyone else they read as zero."""
+    wanted = PRESENT | (FILE_OR_SHARED if file_only else np.uint64(0))
     frames = [np.empty(0, np.uint64)]
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
@@ -62,28 +64,27 @@ def resident_frames(pid: int) -> np.ndarray:
                 continue
             pagemap.seek(start // mmap.PAGESIZE * 8)
             entries = np.frombuffer(pagemap.read((end - start) // mmap.PAGESIZE * 8), dtype=np.uint64)
-            frames.append(entries[(entries & PRESENT) != 0] & FRAME)
+            frames.append(entries[(entries & wanted) == wanted] & FRAME)
     return np.concatenate(frames)
 
 
-def own_pages_mb(pids: list[int]) -> float | None:
-    """MB of the distinct resident pages `pids` map: each page once, however many processes, inside or
-    outside `pids`, map it. This is what a container holding only these processes holds in mapped
-    memory; a PSS sum gives away the share of every page a process outside maps too (the build process
-    maps onnxruntime, numpy and Python's own libraries: 7.6 MB of an idle MiniLM service's 166.4). None
-    where frame numbers are hidden (not CAP_SYS_ADMIN)."""
-    frames = np.concatenate([resident_frames(pid) for pid in pids])
+def own_pages_mb(pids: list[int], file_only: bool = False) -> float | None:
+    """MB of the distinct resident pages `pids` map (`file_only`: file and shared anonymous pages): each
+    page once, however many processes, inside or outside `pids`, map it. This is what a container
+    holding only these processes holds in mapped memory; a PSS sum gives away the share of every page a
+    process outside maps too (the build process maps onnxruntime, numpy and Python's own libraries: 7.6 MB
+    of an idle MiniLM service's 166.4). None where frame numbers are hidden (not CAP_SYS_ADMIN)."""
+    frames = np.concatenate([resident_frames(pid, file_only) for pid in pids])
     if frames.size and not frames.any():
         return None
     return float(np.unique(frames).size * mmap.PAGESIZE / 2**20)
 
 
-def shared_outside_mb(master_pid: int) -> float | None:
-    """The service's own pages less its PSS sum: what the PSS of master and workers gives away to
-    processes outside the service (None where frame numbers are hidden)."""
-    pids = [master_pid, *children(master_pid)]
-    own = own_pages_mb(pids)
-    return None if own is None else round(own - sum(rollup_mb(pid)["pss"] for pid in pids), 1)
+def file_pages_mb(master_pid: int) -> float | None:
+    """The distinct file and shared pages the service (master and workers) maps: its libraries and
+    memory-mapped weights, the part of its own pages that outside processes can map too. None where
+    frame numbers are hidden."""
+    return own_pages_mb([master_pid, *children(master_pid)], file_only=True)
 
 
 @dataclass
@@ -235,24 +236,26 @@ SOAK_CLIENTS = 4
 
 @dataclass
 class MemorySampler:
-    """Samples RSS and PSS of the master and its workers every `interval` seconds in a thread; at the
-    first sample and at the end, what their PSS gives away to processes outside the service. That is
-    file and library pages, not the activations that make the peak, so the peak of the service's own
-    pages is the PSS sum's peak plus the larger of the two (reading every page's frame takes 33 ms for
-    one MiniLM worker, 99 for four: too slow to sample every 50 ms)."""
+    """Samples RSS and PSS of the master and its workers every `interval` seconds in a thread, and the
+    service's own pages: its private anonymous pages, which only master and workers can map, so that their
+    PSS sum counts each once whatever runs beside them, plus its distinct file and shared pages, read
+    frame by frame when the sampler starts and ends. Those are libraries and mapped weights, not the
+    activations that make the peak; reading every frame takes 33 ms for one MiniLM worker and 99 for
+    four, too slow to sample every 50 ms. The PSS sum alone moves with the processes outside that map the
+    same libraries (beside a build that forks probes, an own-pages figure taken from it moved by 23 MB)."""
 
     master_pid: int
     interval: float = SAMPLE_INTERVAL_S
     samples: list[dict[str, float]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    outside: list[float | None] = field(default_factory=list)
+    file_pages: list[float | None] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def sample(self) -> dict[str, float]:
         master = rollup_mb(self.master_pid)
         workers = [rollup_mb(pid) for pid in children(self.master_pid)]
-        return {
+        figures = {
             "master_rss": master["rss"],
             "master_pss": master["pss"],
             "worker_rss": sum(w["rss"] for w in workers),
@@ -260,10 +263,14 @@ class MemorySampler:
             "total_rss": master["rss"] + sum(w["rss"] for w in workers),
             "total_pss": master["pss"] + sum(w["pss"] for w in workers),
         }
+        anon = [rollup.get("pss_anon") for rollup in (master, *workers)]
+        if None not in anon:  # where the kernel shows Pss_Anon
+            figures["total_anon"] = sum(mb for mb in anon if mb is not None)
+        return figures
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, KeyError):
-            self.outside.append(shared_outside_mb(self.master_pid))
+            self.file_pages.append(file_pages_mb(self.master_pid))
         while not self._stop.is_set():
             with contextlib.suppress(OSError, KeyError):
                 self.samples.append(self.sample())
@@ -280,15 +287,15 @@ class MemorySampler:
         if self._thread:
             self._thread.join()
         with contextlib.suppress(OSError, KeyError):
-            self.outside.append(shared_outside_mb(self.master_pid))
+            self.file_pages.append(file_pages_mb(self.master_pid))
 
     def peak(self) -> dict[str, float]:
-        """The peak of each figure sampled, and `total_own`: the service's own pages at the PSS sum's
-        peak (absent where frame numbers are hidden)."""
+        """The peak of each figure sampled, and `total_own`: the service's own pages at the peak of its
+        anonymous pages (absent where frame numbers are hidden)."""
         peak = {key: round(max(s[key] for s in self.samples), 1) for key in self.samples[0]}
-        outside = [mb for mb in self.outside if mb is not None]
-        if outside:
-            peak["total_own"] = round(peak["total_pss"] + max(outside), 1)
+        file_pages = [mb for mb in self.file_pages if mb is not None]
+        if file_pages and "total_anon" in peak:
+            peak["total_own"] = round(peak["total_anon"] + max(file_pages), 1)
         return peak
 
     def max_gap_ms(self) -> float:

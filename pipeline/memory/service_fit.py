@@ -3,13 +3,15 @@
 limited to the budget where one can be created, while a separate process samples the PSS of master and
 workers and counts the pages they map (each once: their own pages, as a container holding only them).
 
-Every worker runs every load body at the same moment: the fit starts gunicorn with one connection per
-worker (WORKER_CONNECTIONS=1), opens W connections, sends each all but the last byte of the body, and
-releases them together, so each worker holds exactly one and the peaks coincide, as they would when every
-worker meets its worst case at once. The bodies are each model's worst-case request, its largest requests
-of shorter inputs, and its hostile bodies (serve/probe.py), with TRUNCATE on (the heavier mode: cut
-inputs are embedded, not refused). Requests waiting for a worker's inference lock hold at most their raw
-body each; (THREADS - 1) × max_body_bytes per worker is added to the plan rather than measured.
+Every worker runs every load body at the same moment, while the next waits: the fit starts gunicorn
+with two connections per worker (WORKER_CONNECTIONS=2), opens 2W connections, sends each all but the last
+byte of the body, and releases them together. So each worker holds exactly two requests, one running
+while the other waits for the inference lock with its body read, and the peaks coincide, as they would
+when every worker of a loaded service meets its worst case at once. The bodies are each model's
+worst-case request, its largest requests of shorter inputs, and its hostile bodies (serve/probe.py), with
+TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). A worker can read THREADS requests
+at once; the others waiting hold at most their raw body each, so (THREADS - 2) × max_body_bytes per
+worker is added to the plan rather than measured.
 
 A least-squares line through the measured peaks (of the runs where no worker was killed), each raised by
 what its workers' VmHWM shows their smaller micro-batch saved, gives the planner its figures: W workers
@@ -30,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -58,8 +61,13 @@ FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then
 # a few rows less saved 15–90% of what the curve's slope predicts, so aiming at the overshoot alone took
 # MiniLM's 3 workers four runs of ~1 min (3712 → 3328 → 3200 → 3072 tokens); twice it, three (3584 → 3200 → 3072).
 OVERSHOOT_FACTOR = 2.0
-ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connection
-FIT_VERSION = 5  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held connections
+# Requests each worker holds in the fit: one running, the next waiting. Measured with one each, the cgroup
+# line missed a 4-client mixed load by 5.7% at 2 and 3 MiniLM workers: each worker reads the next request
+# while one runs (anonymous memory at 2 workers: 102.6 MB with one each, 105.3 under the load, 108.0 with
+# two each).
+HELD_PER_WORKER = 2
+FIT_VERSION = 6  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -113,8 +121,8 @@ def accept_queue(port: int) -> int | None:
 
 
 def wait_until_accepted(port: int) -> None:
-    """Until no connection waits in the accept queue: with one connection per worker, every worker then
-    holds one. Where the queue cannot be read, ACCEPT_WAIT_S is waited out instead."""
+    """Until no connection waits in the accept queue: with as many connections as the workers together
+    take, every worker then holds its share. Where the queue cannot be read, ACCEPT_WAIT_S is waited out instead."""
     deadline = time.monotonic() + ACCEPT_WAIT_S
     while time.monotonic() < deadline:
         waiting = accept_queue(port)
@@ -123,57 +131,57 @@ def wait_until_accepted(port: int) -> None:
         time.sleep(0.005 if waiting is not None else ACCEPT_WAIT_S)
 
 
-def lockstep(port: int, workers: int, method: str, path: str, body: bytes) -> list[tuple[int, bytes]]:
-    """One request per worker, released together once every worker has accepted its connection (each
-    worker holds one connection at a time)."""
-    release = threading.Barrier(workers, action=lambda: wait_until_accepted(port))
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda _: held_request(port, method, path, body, release), range(workers)))
+def lockstep(port: int, connections: int, method: str, path: str, body: bytes) -> list[tuple[int, bytes]]:
+    """`connections` requests, released together once the workers have accepted every one (each worker
+    holds at most WORKER_CONNECTIONS at a time)."""
+    release = threading.Barrier(connections, action=lambda: wait_until_accepted(port))
+    with ThreadPoolExecutor(connections) as pool:
+        return list(pool.map(lambda _: held_request(port, method, path, body, release), range(connections)))
 
 
-def wait_for_every_worker(service: GunicornService, workers: int, timeout: float = 120.0) -> None:
-    """Until a lockstep round of /api/health is answered by `workers` different pids: every worker has
-    loaded its models and takes one connection of each round."""
+def wait_for_every_worker(service: GunicornService, workers: int, held: int, timeout: float = 120.0) -> None:
+    """Until a lockstep round of /api/health is answered `held` times by each of `workers` pids: every
+    worker has loaded its models and takes `held` connections of each round."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        answers = lockstep(service.port, workers, "GET", "/api/health", b"")
-        pids = {json.loads(content)["pid"] for status, content in answers if status == 200}
-        if len(pids) == workers:
+        answers = lockstep(service.port, workers * held, "GET", "/api/health", b"")
+        pids = Counter(json.loads(content)["pid"] for status, content in answers if status == 200)
+        if len(pids) == workers and set(pids.values()) == {held}:
             return
-    raise RuntimeError(f"the service did not spread {workers} connections over {workers} workers: {service.log()}")
+    raise RuntimeError(f"the service did not spread its connections over {workers} workers: {service.log()}")
 
 
-def run_lockstep(service: GunicornService, workers: int, bodies: list[tuple[str, bytes]]) -> dict[int, int]:
-    """Every body to every worker at once; counts of the answers' status codes."""
+def run_lockstep(service: GunicornService, connections: int, bodies: list[tuple[str, bytes]]) -> dict[int, int]:
+    """Every body on `connections` connections at once; counts of the answers' status codes."""
     statuses: dict[int, int] = {}
     for path, body in bodies:
-        for code, _ in lockstep(service.port, workers, "POST", path, body):
+        for code, _ in lockstep(service.port, connections, "POST", path, body):
             statuses[code] = statuses.get(code, 0) + 1
     return statuses
 
 
 def measure_workers(
-    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[tuple[str, bytes]]
+    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[tuple[str, bytes]], held: int
 ) -> dict[str, Any]:
-    """The service with `workers` workers, each running at most `tokens` per session run, under the
-    lockstep load: cgroup peak (where one can be made), PSS and RSS sums, own pages, each worker's VmHWM,
-    and whether a worker was killed or replaced."""
+    """The service with `workers` workers, each running at most `tokens` per session run and holding
+    `held` requests of each lockstep round: cgroup peak (where one can be made), PSS and RSS sums, own
+    pages, each worker's VmHWM, and whether a worker was killed or replaced."""
     reason = unavailable_reason()
     group: AbstractContextManager[Any] = MemoryCgroup(budget_mb, "memfit-fit") if reason is None else nullcontext()
     env = {
         "WORKERS": str(workers),
         "MAX_TOKENS_PER_RUN": str(tokens),
-        "WORKER_CONNECTIONS": "1",
+        "WORKER_CONNECTIONS": str(held),
         "TRUNCATE": "true",
         "PLAN_CHECK": "skip",
         "PENDING_APPROVALS": "true",
     }
     started = time.monotonic()
     with group as cgroup, GunicornService(service_path, env=env, cgroup=cgroup, ready_timeout=300) as service:
-        wait_for_every_worker(service, workers)
+        wait_for_every_worker(service, workers, held)
         pids = sorted(service.worker_pids())
         with SamplerProcess(service.master_pid) as sampler:
-            statuses = run_lockstep(service, workers, bodies)
+            statuses = run_lockstep(service, workers * held, bodies)
         alive = sorted(service.worker_pids())
         worker_hwm = [round(status_mb("VmHWM", pid), 1) for pid in alive]
         figures = cgroup.figures() if cgroup is not None else None
@@ -355,7 +363,8 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     one_process = measure_one_process(artifacts, configs, repeats)
     bodies = load_bodies(artifacts, configs)
     activations = Activations.of(artifacts, service.limits.max_seq_len)
-    held_mb = (service.threads - 1) * service.limits.max_body_bytes / MB
+    held = min(HELD_PER_WORKER, service.threads)  # THREADS=1 reads one request at a time
+    held_mb = (service.threads - held) * service.limits.max_body_bytes / MB
     runs: list[dict[str, Any]] = []
     for workers in range(1, service.fit_max_workers + 1):
         # One worker runs at full tokens; more, at the most tokens the runs so far predict to fit. A run
@@ -372,8 +381,9 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
             if tokens is None or tokens in tried:
                 break
             tried.add(tokens)
-            with step(f"service fit: {workers} worker(s) at {tokens} tokens per run, {len(bodies)} bodies each"):
-                runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies))
+            label = f"{workers} worker(s) at {tokens} tokens per run, {len(bodies)} bodies {held} at a time each"
+            with step(f"service fit: {label}"):
+                runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies, held))
             fitted = planned_fit(runs[-1], held_mb, budget)
         if not fitted:
             break
@@ -399,6 +409,7 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
         "base_mb": round(base, 1),
         "per_worker_mb": round(per_worker, 1),
         "cgroup_line_mb": cgroup_line,  # [base, per worker] through the cgroup peaks; None without a cgroup
+        "held_requests": held,  # per worker, in every run
         "held_bodies_mb": round(held_mb, 1),
         "max_workers_measured": max((r["workers"] for r in fitting), default=0),
         "runs": runs,
