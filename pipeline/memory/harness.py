@@ -241,8 +241,8 @@ class MemorySampler:
     PSS sum counts each once whatever runs beside them, plus its distinct file and shared pages, read
     frame by frame when the sampler starts and ends. Those are libraries and mapped weights, not the
     activations that make the peak; reading every frame takes 33 ms for one MiniLM worker and 99 for
-    four, too slow to sample every 50 ms. The PSS sum alone moves with the processes outside that map the
-    same libraries (beside a build that forks probes, an own-pages figure taken from it moved by 23 MB)."""
+    four, too slow to sample every 50 ms. The PSS sum moves with the processes outside that map the same
+    libraries, and a build forks probes that come and go, so own pages are not taken from it."""
 
     master_pid: int
     interval: float = SAMPLE_INTERVAL_S
