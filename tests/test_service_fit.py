@@ -153,6 +153,40 @@ def test_the_fit_measures_up_to_the_services_worker_count(
     assert fit["max_workers_measured"] == counts[-1]
 
 
+def test_two_workers_are_measured_even_when_one_run_cannot_tell_shared_pages_from_a_workers_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker at 300 MB, of which 200 are shared (libraries, mapped weights) and already at one row
+    per run: the line through that run alone says two workers need 600 MB, so only measuring them shows
+    that they fit (400 MB), and the third (500 MB plus waiting bodies) does not."""
+    measured: list[tuple[int, int]] = []
+
+    def measure_workers(
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+    ) -> dict[str, Any]:
+        measured.append((workers, tokens))
+        peak = 200.0 + 100.0 * workers
+        return {
+            "workers": workers,
+            "tokens_per_run": tokens,
+            "cgroup": {"peak_mb": peak - 5, "oom_kills": 0},
+            "pss_peak_mb": peak,
+            "workers_replaced": False,
+            "worker_vmhwm_mb": [150.0] * workers,
+        }
+
+    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
+    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
+    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
+    one_row = SimpleNamespace(
+        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 128}}
+    )
+    fit = measure_fit([one_row], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+    assert measured == [(1, 128), (2, 128)]
+    assert fit["max_workers_measured"] == 2
+    assert fit["base_mb"] == pytest.approx(200.0) and fit["per_worker_mb"] == pytest.approx(100.0)
+
+
 def fit_with(monkeypatch: pytest.MonkeyPatch, cgroup: bool) -> dict[str, Any]:
     """measure_fit over runs whose cgroup is charged 45 MB less than the PSS sum at any count, and 12 MB
     less per worker (pages another cgroup read first are not charged to the service's); or no cgroup."""

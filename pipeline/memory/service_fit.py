@@ -67,7 +67,7 @@ ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held con
 # while one runs (anonymous memory at 2 workers: 102.6 MB with one each, 105.3 under the load, 108.0 with
 # two each).
 HELD_PER_WORKER = 2
-FIT_VERSION = 6  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 7  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -376,6 +376,11 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
             savings = Savings.of(runs, activations)
             base, per_worker = line(runs, savings) if runs else (0.0, 0.0)
             tokens = activations.full if not runs else tokens_for(workers, base, per_worker, held_mb, savings, budget)
+            if tokens is None and workers == 2 and not tried:
+                # One count cannot tell the pages workers share (libraries, mapped weights) from each one's
+                # own: the line through it counts them all per worker (mpnet: 2 × 266 MB predicted, so two
+                # workers went unmeasured). Two workers are measured at the fewest tokens instead.
+                tokens = activations.choices()[-1]
             if tried and tokens is not None:
                 tokens = min(tokens, after_overshoot(runs[-1], held_mb, activations, budget) or 0) or None
             if tokens is None or tokens in tried:
