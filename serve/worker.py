@@ -69,6 +69,8 @@ class DeadlineSocket:
         return prior
 
     def recv(self, size: int, *flags: int) -> bytes:
+        if self.read_deadline == math.inf:  # no request being read: gunicorn's own timeouts bound the read
+            return self._sock.recv(size, *flags)
         remaining = self.read_deadline - time.monotonic()
         if remaining <= 0:
             raise self._too_slow()
@@ -135,4 +137,8 @@ class BoundedThreadWorker(ThreadWorker):
         try:
             return bool(super().handle_request(req, conn))
         finally:
+            # Answered: what gunicorn reads next is the drain before closing (its own 2 s bound) or the
+            # next request (bounded again by `handle`). Left set, a request that waited for the
+            # inference lock past READ_TIMEOUT was logged as too slow on close, after its answer.
             conn.sock.request = None
+            conn.sock.read_deadline = math.inf

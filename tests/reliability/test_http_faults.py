@@ -64,6 +64,16 @@ def test_a_stuck_request_holds_one_thread_not_the_service(tiny_run: TinyRun) -> 
         stuck.join(timeout=20)
 
 
+def test_a_request_answered_after_read_timeout_is_not_logged_as_too_slow(tiny_run: TinyRun) -> None:
+    """READ_TIMEOUT bounds reading a request, not answering it: a request that arrived at once and was
+    answered 3 s later (as one waiting for the inference lock) is closed without a timeout warning."""
+    with GunicornService(tiny_run.service, app=SLOW_APP, env={"READ_TIMEOUT": "1"}) as service:
+        reply = service.request("GET", "/test/sleep?s=3", headers={"Connection": "close"}, timeout=30)
+        assert reply.status == 200
+        time.sleep(0.5)  # the close (gunicorn drains before it) happens after the answer is sent
+        assert "READ_TIMEOUT" not in service.log()
+
+
 def test_a_slow_body_gets_408_and_an_idle_connection_is_closed(tiny_run: TinyRun) -> None:
     env = {"READ_TIMEOUT": "2", "KEEPALIVE": "2"}
     with GunicornService(tiny_run.service, env=env) as service:
