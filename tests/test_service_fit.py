@@ -4,6 +4,7 @@ run at which more workers are predicted to fit."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -125,6 +126,23 @@ def test_the_accept_queue_counts_connections_no_worker_has_taken_yet() -> None:
     assert accept_queue(port) is None
 
 
+def fit_measured_by(
+    monkeypatch: pytest.MonkeyPatch, measure_workers: Callable[..., dict[str, Any]], proven_tokens: int = 4096
+) -> dict[str, Any]:
+    """measure_fit of the default service over one model with MiniLM's memory curve, proven at
+    `proven_tokens` per run, whose gunicorn runs `measure_workers` stands in for."""
+    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
+    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
+    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
+    model = SimpleNamespace(
+        manifest={
+            "metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}},
+            "limits": {"max_tokens_per_run": proven_tokens},
+        }
+    )
+    return measure_fit([model], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+
+
 @pytest.mark.parametrize(("setting", "counts"), [(None, [1, 2, 3, 4]), ("2", [1, 2]), ("1", [1])])
 def test_the_fit_measures_up_to_the_services_worker_count(
     setting: str | None, counts: list[int], monkeypatch: pytest.MonkeyPatch
@@ -142,13 +160,7 @@ def test_the_fit_measures_up_to_the_services_worker_count(
         measured_run["cgroup"]["oom_kills"] = 0
         return {**measured_run, "workers_replaced": False, "worker_vmhwm_mb": [150.0]}
 
-    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
-    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
-    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
-    minilm = SimpleNamespace(
-        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 4096}}
-    )
-    fit = measure_fit([minilm], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+    fit = fit_measured_by(monkeypatch, measure_workers)
     assert measured == counts
     assert fit["max_workers_measured"] == counts[-1]
 
@@ -175,13 +187,7 @@ def test_two_workers_are_measured_even_when_one_run_cannot_tell_shared_pages_fro
             "worker_vmhwm_mb": [150.0] * workers,
         }
 
-    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
-    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
-    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
-    one_row = SimpleNamespace(
-        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 128}}
-    )
-    fit = measure_fit([one_row], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+    fit = fit_measured_by(monkeypatch, measure_workers, proven_tokens=128)
     assert measured == [(1, 128), (2, 128)]
     assert fit["max_workers_measured"] == 2
     assert fit["base_mb"] == pytest.approx(200.0) and fit["per_worker_mb"] == pytest.approx(100.0)
@@ -199,13 +205,7 @@ def fit_with(monkeypatch: pytest.MonkeyPatch, cgroup: bool) -> dict[str, Any]:
         measured["cgroup"] = {"peak_mb": pss - 45.0 - 12.0 * workers, "oom_kills": 0} if cgroup else None
         return {**measured, "workers_replaced": False, "worker_vmhwm_mb": [150.0] * workers}
 
-    monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
-    monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
-    monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
-    minilm = SimpleNamespace(
-        manifest={"metrics": {"memory_curve": {"per_1k_tokens_mb": 27.8}}, "limits": {"max_tokens_per_run": 4096}}
-    )
-    return measure_fit([minilm], LoadedConfigs(REPO / "configs" / "service.yaml"))  # type: ignore[list-item]
+    return fit_measured_by(monkeypatch, measure_workers)
 
 
 def test_a_second_line_predicts_the_cgroup_peak_where_it_differs_from_the_pss_sum(
