@@ -10,7 +10,9 @@ things are added to gunicorn's gthread here:
 
 - a connection with no bytes waits in the poller, never in a thread (closed after KEEPALIVE seconds);
 - a request (headers and body) must arrive within READ_TIMEOUT seconds of its first byte;
-- each write of the response must complete within WRITE_TIMEOUT seconds (a client that never reads).
+- each write of the response must complete within WRITE_TIMEOUT seconds (a client that never reads);
+- once a request is answered, reads take only what has already arrived: gunicorn drains a closing
+  connection on its main thread, so a client that neither sends nor closes would stall every other.
 
 A slow client therefore holds one thread for at most READ_TIMEOUT (or WRITE_TIMEOUT) seconds; more
 simultaneous slow clients than THREADS - 1 need a buffering proxy in front (see README).
@@ -69,8 +71,8 @@ class DeadlineSocket:
         return prior
 
     def recv(self, size: int, *flags: int) -> bytes:
-        if self.read_deadline == math.inf:  # no request being read: gunicorn's own timeouts bound the read
-            return self._sock.recv(size, *flags)
+        if self.read_deadline == math.inf:  # answered: what is read now is a drain, never a wait
+            return self._arrived(size)
         remaining = self.read_deadline - time.monotonic()
         if remaining <= 0:
             raise self._too_slow()
@@ -79,6 +81,18 @@ class DeadlineSocket:
             return self._sock.recv(size, *flags)
         except TimeoutError:
             raise self._too_slow() from None
+        finally:
+            self._sock.settimeout(prior)
+
+    def _arrived(self, size: int) -> bytes:
+        """Up to `size` bytes the client has already sent; a timeout (which ends gunicorn's drain, quietly)
+        when there are none."""
+        prior = self._sock.gettimeout()
+        self._sock.settimeout(0.0)  # a socket with a timeout polls before it reads, whatever the flags
+        try:
+            return self._sock.recv(size)
+        except BlockingIOError:
+            raise TimeoutError("nothing more sent") from None
         finally:
             self._sock.settimeout(prior)
 
@@ -137,8 +151,8 @@ class BoundedThreadWorker(ThreadWorker):
         try:
             return bool(super().handle_request(req, conn))
         finally:
-            # Answered: what gunicorn reads next is the drain before closing (its own 2 s bound) or the
-            # next request (bounded again by `handle`). Left set, a request that waited for the
-            # inference lock past READ_TIMEOUT was logged as too slow on close, after its answer.
+            # Answered: what gunicorn reads next is a drain (before closing or keeping alive), which takes
+            # only what has arrived, or the next request, bounded again by `handle`. Left set, a request
+            # that waited for the inference lock past READ_TIMEOUT was logged as too slow on close.
             conn.sock.request = None
             conn.sock.read_deadline = math.inf

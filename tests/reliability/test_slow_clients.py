@@ -1,5 +1,6 @@
 """Slow and idle clients cannot starve the service: 8 connections that stay idle, trickle their headers
-or body at 1 byte/s, or never read their response, against the real MiniLM service. A normal client's
+or body at 1 byte/s, never read their response, or neither send nor close after an answer that closes
+the connection, against the real MiniLM service. A normal client's
 /api/embed p50 stays within 2× of the unloaded figure, /api/ready answers within 1 s, and the worker
 stays within its proven peak (+5%)."""
 
@@ -46,9 +47,9 @@ def trickle_headers(sock: socket.socket, stop: threading.Event) -> None:
         sock.sendall(bytes([byte]))
 
 
-def head(body: bytes) -> bytes:
+def head(body: bytes, *extra: str) -> bytes:
     lines = ["POST /api/embed HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
 
 
 def trickle_body(sock: socket.socket, stop: threading.Event) -> None:
@@ -62,6 +63,13 @@ def trickle_body(sock: socket.socket, stop: threading.Event) -> None:
 def never_read(sock: socket.socket, stop: threading.Event) -> None:
     for _ in range(4):  # pipelined: answers pile up unread
         sock.sendall(head(BIG_ANSWER) + BIG_ANSWER)
+    stop.wait(SCENARIO_S)
+
+
+def linger_after_close(sock: socket.socket, stop: threading.Event) -> None:
+    """Asks for the connection to close, then neither sends nor closes: the server's drain before closing
+    finds nothing to read, and must not wait for it."""
+    sock.sendall(head(NORMAL, "Connection: close") + NORMAL)
     stop.wait(SCENARIO_S)
 
 
@@ -94,7 +102,13 @@ def service(minilm_run: MinilmRun) -> Iterator[GunicornService]:
         yield running
 
 
-SCENARIOS = {"idle": idle, "trickle-headers": trickle_headers, "trickle-body": trickle_body, "never-read": never_read}
+SCENARIOS = {
+    "idle": idle,
+    "trickle-headers": trickle_headers,
+    "trickle-body": trickle_body,
+    "never-read": never_read,
+    "linger-after-close": linger_after_close,
+}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
