@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def drop_cached(path: Path) -> None:
+    """Evict `path`'s pages from the page cache (those no process maps). A container's memory is charged
+    for the file pages its processes read, so a file read only to be checked should not stay there."""
+    with path.open("rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.artifacts import ArtifactError, load_approved
+from serve.artifacts import ArtifactError, drop_cached, load_approved
 from serve.config import ServiceConfig, SessionSettings
 from serve.cpu import check_int8_kernels
 from serve.onnx_refs import check_external_data
-from serve.prepacked import PREPACKED_MODEL
+from serve.prepacked import PREPACKED_DATA, PREPACKED_MODEL, choose_weights
 from serve.runtime import MODEL_FILE, ModelRuntime
 
 log = logging.getLogger("memfit.serve")
@@ -49,11 +49,16 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     for model_file in (MODEL_FILE, PREPACKED_MODEL):
         if model_file in artifact.manifest["files"]:
             check_external_data(artifact.folder / model_file, allowed=set(artifact.manifest["files"]))
+    settings = session_settings(artifact.manifest["session_options"], service.intra_op_threads)
+    weights = choose_weights(artifact.folder / MODEL_FILE, service.shared_weights, not settings.disable_prepacking)
+    for unloaded in (MODEL_FILE,) if weights.shared else (PREPACKED_MODEL, PREPACKED_DATA):
+        if unloaded in artifact.manifest["files"]:
+            drop_cached(artifact.folder / unloaded)  # checked above, never served
     proven = artifact.manifest["limits"]
     limits = service.limits
     runtime = ModelRuntime(
         artifact.folder,
-        session_settings(artifact.manifest["session_options"], service.intra_op_threads),
+        settings,
         max_seq_len=limits.max_seq_len,
         max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
         max_batch=int(proven["max_batch"]),

@@ -4,6 +4,9 @@ SHARED_WEIGHTS=require, the model is refused."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 
 import serve.prepacked
 from pipeline.memory.harness import GunicornService
-from serve.artifacts import ArtifactError, load_approved
+from serve.artifacts import ArtifactError, drop_cached, load_approved
 from serve.config import load_service_config
 from serve.loader import open_approved
 from serve.onnx_refs import check_external_data
@@ -55,6 +58,44 @@ def test_elsewhere_the_portable_model_loads_or_is_refused(tiny_run: TinyRun, mon
     )
     with pytest.raises(ArtifactError, match="SHARED_WEIGHTS=require, but prepacked by onnxruntime"):
         open_approved(tiny_run.artifacts / "tiny-embed", config.model_copy(update={"shared_weights": "require"}))
+
+
+def cached_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache (mincore on a fresh mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    vector = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with path.open("rb") as handle:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle.fileno(), 0)
+    try:
+        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        libc.munmap(address, size)
+    return sum(byte & 1 for byte in vector)
+
+
+def test_weights_a_worker_checks_but_does_not_load_leave_no_page_cache(tiny_run: TinyRun) -> None:
+    """A container is charged for the file pages its processes read: the weights file a worker hashes and
+    checks but does not serve is evicted after the check, and the one it serves stays."""
+    config, _ = load_service_config(tiny_run.service)
+    folder = load_approved(tiny_run.artifacts / "tiny-embed", verify=False).folder
+    drop_cached(folder / "model.onnx")
+    if cached_pages(folder / "model.onnx"):
+        pytest.skip(f"{folder}: this filesystem keeps its pages (tmpfs), so there is no cache to drop")
+    shared = open_approved(tiny_run.artifacts / "tiny-embed", config)
+    assert shared.runtime.weights.shared
+    assert cached_pages(folder / "model.onnx") == 0
+    assert cached_pages(folder / PREPACKED_DATA) == -(-(folder / PREPACKED_DATA).stat().st_size // mmap.PAGESIZE)
+    del shared
+    gc.collect()  # the session unmaps the prepacked weights, which can then be evicted
+    private = open_approved(tiny_run.artifacts / "tiny-embed", config.model_copy(update={"shared_weights": "private"}))
+    assert not private.runtime.weights.shared
+    assert cached_pages(folder / "model.onnx") > 0
+    assert cached_pages(folder / PREPACKED_DATA) == 0
 
 
 def test_health_and_verify_say_which_weights_load(tiny_run: TinyRun) -> None:
