@@ -3,7 +3,7 @@ clients each sending one-text requests on a kept-alive connection for a fixed ti
 and the idle PSS sum before them, beside the planner's predicted peak and the service fit's measured
 figures for that W.
 
-Usage: python -m benchmarks.workers [--service configs/service.yaml] [--seconds 20] [--out FILE.json]
+Usage: python -m benchmarks.workers [--service configs/service.yaml] [--workers 1 4] [--seconds 20] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def throughput(service_path: Path, workers: int, seconds: float) -> dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--service", type=Path, default=Path("configs/service.yaml"))
+    parser.add_argument("--workers", type=int, nargs="*", help="the counts to run (default: every one the plan offers)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     master = idle_master_mb()
     measured = {run["workers"]: run for run in figures.fit["runs"]}
     rows = []
-    for workers in range(1, figures.most_workers(config.budget_mb, master) + 1):
+    for workers in args.workers or range(1, figures.most_workers(config.budget_mb, master) + 1):
         run = measured.get(workers, {})
         row = {
             "workers": workers,

@@ -53,7 +53,7 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
     weights = choose_weights(artifact.folder / MODEL_FILE, service.shared_weights, not settings.disable_prepacking)
     for unloaded in (MODEL_FILE,) if weights.shared else (PREPACKED_MODEL, PREPACKED_DATA):
         if unloaded in artifact.manifest["files"]:
-            drop_cached(artifact.folder / unloaded)  # checked above, never served
+            drop_cached(artifact.folder / unloaded)  # what the check above read of it: never served
     proven = artifact.manifest["limits"]
     limits = service.limits
     runtime = ModelRuntime(

@@ -3,12 +3,15 @@ and OOM kills, and is always removed. Skipped (with the reason) where no cgroup 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
+from serve.artifacts import drop_cached
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"memory cgroup: {REASON}")
@@ -34,3 +37,26 @@ def test_a_process_over_the_limit_is_oom_killed_and_reported() -> None:
         figures = group.figures()
     assert figures.oom_kills == 1 and figures.failcnt > 0
     assert not group.path.exists()
+
+
+def test_what_the_cgroup_holds_splits_page_cache_from_anonymous_memory(tmp_path: Path) -> None:
+    data = tmp_path / "data.bin"
+    with data.open("wb") as handle:
+        handle.write(os.urandom(24 << 20))
+        handle.flush()
+        os.fsync(handle.fileno())  # written back, so the cache can be dropped and read in again
+    drop_cached(data)
+    reader = f"open({str(data)!r}, 'rb').read(); {ALLOCATE}; print(flush=True); sys.stdin.read()"
+    with MemoryCgroup(256) as group:
+        child = subprocess.Popen(
+            [sys.executable, "-c", reader, "40"], preexec_fn=group.join, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline()
+            held = group.held_mb()
+        finally:
+            child.communicate(timeout=60)
+    if held["cache"] < 24:
+        pytest.skip(f"{tmp_path}: this filesystem's pages are not page cache the kernel can drop (tmpfs)")
+    assert held["rss"] >= 40 and held["mapped_file"] < 24
+    assert held["usage"] >= held["rss"] + held["cache"] - 1

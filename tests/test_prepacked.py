@@ -16,7 +16,7 @@ import pytest
 
 import serve.prepacked
 from pipeline.memory.harness import GunicornService
-from serve.artifacts import ArtifactError, drop_cached, load_approved
+from serve.artifacts import ArtifactError, drop_cached, load_approved, verify_files
 from serve.config import load_service_config
 from serve.loader import open_approved
 from serve.onnx_refs import check_external_data
@@ -79,13 +79,16 @@ def cached_pages(path: Path) -> int:
 
 
 def test_weights_a_worker_checks_but_does_not_load_leave_no_page_cache(tiny_run: TinyRun) -> None:
-    """A container is charged for the file pages its processes read: the weights file a worker hashes and
-    checks but does not serve is evicted after the check, and the one it serves stays."""
+    """A container is charged for the file pages its processes read: hashing leaves none behind, the
+    weights file a worker checks but does not serve is evicted after the check, and the one it serves stays."""
     config, _ = load_service_config(tiny_run.service)
     folder = load_approved(tiny_run.artifacts / "tiny-embed", verify=False).folder
     drop_cached(folder / "model.onnx")
     if cached_pages(folder / "model.onnx"):
         pytest.skip(f"{folder}: this filesystem keeps its pages (tmpfs), so there is no cache to drop")
+    (folder / "model.onnx").read_bytes()
+    verify_files(folder, load_approved(tiny_run.artifacts / "tiny-embed", verify=False).manifest["files"])
+    assert cached_pages(folder / "model.onnx") == 0  # hashing drops what it read
     shared = open_approved(tiny_run.artifacts / "tiny-embed", config)
     assert shared.runtime.weights.shared
     assert cached_pages(folder / "model.onnx") == 0

@@ -85,6 +85,14 @@ class MemoryCgroup:
             limit_mb=self.limit_mb,
         )
 
+    def held_mb(self) -> dict[str, float]:
+        """What the cgroup holds now, MB: its usage, anonymous memory, page cache, and the part of that
+        cache that is mapped and the part that is inactive (reclaim drops inactive file pages first)."""
+        stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        held = {"usage": int((self.path / "memory.usage_in_bytes").read_text())}
+        held |= {key: int(stat[f"total_{key}"]) for key in ("rss", "cache", "mapped_file", "inactive_file")}
+        return {key: round(value / MB, 1) for key, value in held.items()}
+
     def __exit__(self, *exc: object) -> None:
         for _ in range(50):
             for pid in (self.path / "cgroup.procs").read_text().split():
