@@ -23,16 +23,15 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.record import write_record
 from pipeline.config import ModelConfig, load_config
 from pipeline.data import load_dataset
 from pipeline.memory.cgroup import MemoryCgroup
 from pipeline.memory.harness import GunicornService, request_mix
 from pipeline.memory.sampler import SamplerProcess
-from pipeline.provenance import machine, versions
 from pipeline.sources import data_path
 from serve.artifacts import drop_cached
 from serve.config import ServiceConfig, load_service_config, model_names, resolve
@@ -139,19 +138,15 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "service": str(args.service),
-        "models": model_names(config, path),
-        "approvals": approvals,
-        "cold": args.cold,
-        "clients": CLIENTS,
-        "machine": machine(),
-        "versions": versions(),
-        "rows": rows,
-    }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(
+        args.out,
+        rows,
+        service=str(args.service),
+        models=model_names(config, path),
+        approvals=approvals,
+        cold=args.cold,
+        clients=CLIENTS,
+    )
 
 
 if __name__ == "__main__":

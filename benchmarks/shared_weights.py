@@ -17,13 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.record import write_record
 from pipeline.candidates import CANDIDATES, PassJob
 from pipeline.memory.probe import PROJECT_ROOT, probe_env
-from pipeline.provenance import machine, versions
 from serve.config import SessionSettings
 from serve.prepacked import ensure_prepacked
 from serve.runtime import MODEL_FILE, RUNTIME_FILE, TOKENIZER_FILE, session_options
@@ -115,15 +114,7 @@ def main() -> None:
                 f"{shared['after_run']['VmHWM']} MB, p50 {private['p50_ms']} -> {shared['p50_ms']} ms",
                 flush=True,
             )
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "input": f"{args.rows} x {args.seq_len} tokens, then 30 one-text runs",
-        "rows": rows,
-    }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(args.out, rows, input=f"{args.rows} x {args.seq_len} tokens, then 30 one-text runs")
 
 
 if __name__ == "__main__":

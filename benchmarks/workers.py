@@ -14,12 +14,11 @@ import json
 import statistics
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.record import write_record
 from pipeline.memory.harness import GunicornService
-from pipeline.provenance import machine, versions
 from serve.config import load_service_config, resolve
 from serve.memory import rollup_mb
 from serve.planner import SERVICE_FIT_FILE, idle_master_mb, worker_figures
@@ -93,18 +92,14 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "service": str(args.service),
-        "artifacts": str(resolve(path, config.artifacts_dir)),
-        "clients": CLIENTS,
-        "seconds": args.seconds,
-        "machine": machine(),
-        "versions": versions(),
-        "rows": rows,
-    }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_record(
+        args.out,
+        rows,
+        service=str(args.service),
+        artifacts=str(resolve(path, config.artifacts_dir)),
+        clients=CLIENTS,
+        seconds=args.seconds,
+    )
 
 
 if __name__ == "__main__":
