@@ -9,6 +9,14 @@ import pytest
 from tests.helpers import OPTIMIZE_TIMEOUT_S, memfit, model_config, tiny_model, write_service
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the default model's real build belongs to the memory gate (`make gate`, which CI
+    runs after `make test`): the build alone takes about as long as `make optimize`."""
+    for item in items:
+        if "minilm_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gate)
+
+
 @dataclass(frozen=True)
 class TinyRun:
     root: Path

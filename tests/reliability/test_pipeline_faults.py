@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,12 +64,15 @@ def optimize(copy: TinyRun, *extra: str) -> list[str]:
 def test_sigkill_keeps_previous_approval_and_next_run_recovers(tiny_copy: TinyRun, stage: str) -> None:
     model_dir = tiny_copy.artifacts / "tiny-embed"
     before = (model_dir / APPROVED_FILE).read_bytes()
+    env = {**os.environ, "FIT_MAX_WORKERS": "1"}  # what is tested is the approval, not the worker count
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER, FAULTS[stage], *optimize(tiny_copy)[0:]],
+        [sys.executable, "-c", KILL_AFTER, FAULTS[stage], *optimize(tiny_copy)],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         check=False,
+        timeout=900,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (model_dir / APPROVED_FILE).read_bytes() == before
@@ -79,7 +83,7 @@ def test_sigkill_keeps_previous_approval_and_next_run_recovers(tiny_copy: TinyRu
     with GunicornService(tiny_copy.service) as service:  # ... and still serves
         assert service.request("POST", "/api/embed", {"inputs": ["still here"]}).status == 200
 
-    rerun = memfit(*optimize(tiny_copy))
+    rerun = memfit(*optimize(tiny_copy), env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not list(tiny_copy.root.rglob(".tmp-*")), "the next run removes the leftovers"
     assert (model_dir / APPROVED_FILE).read_bytes() != before
