@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,7 +122,8 @@ class GunicornService:
         self.python = python
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"memfit-gunicorn-{self.port}.log"
+        self.log_path = Path(tempfile.gettempdir()) / f"memfit-gunicorn-{os.getpid()}-{self.port}.log"
+        self.stopped_log = ""  # the log's text once the service has stopped and its file is removed
 
     def command(self) -> list[str]:
         return [
@@ -165,9 +167,18 @@ class GunicornService:
         raise RuntimeError(f"service not ready within {self.ready_timeout} s: {self.log()[-2000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else self.stopped_log
 
     def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; the log is kept in memory and its file removed."""
+        try:
+            return self.terminate(timeout)
+        finally:
+            if self.log_path.exists():
+                self.stopped_log = self.log_path.read_text(errors="replace")
+                self.log_path.unlink()
+
+    def terminate(self, timeout: float) -> int | None:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(signal.SIGTERM)
