@@ -157,6 +157,7 @@ class GunicornService:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # keeps the log
                 raise RuntimeError(f"gunicorn exited {self.process.returncode}: {self.log()[-2000:]}")
             with contextlib.suppress(OSError, http.client.HTTPException):
                 status = self.request("GET", "/api/ready").status
