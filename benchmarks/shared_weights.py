@@ -23,8 +23,8 @@ from typing import Any
 from benchmarks.record import write_record
 from pipeline.candidates import CANDIDATES, PassJob
 from pipeline.memory.probe import PROJECT_ROOT, probe_env
+from pipeline.prepack import ensure_prepacked
 from serve.config import SessionSettings
-from serve.prepacked import ensure_prepacked
 from serve.runtime import MODEL_FILE, RUNTIME_FILE, TOKENIZER_FILE, session_options
 
 FIELDS = ("VmHWM", "RssAnon", "RssFile")

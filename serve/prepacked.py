@@ -6,14 +6,13 @@ Loaded from `model.prepacked.onnx`, the packed weights stay in the file `model.p
 read-only: one copy in the page cache for all workers, counted once by the kernel, and reclaimable under
 pressure instead of a reason to kill a process. The packed layout depends on the ONNX Runtime version and
 the CPU's instruction sets, so `prepacked.json` records both; where they differ the service loads the
-portable `model.onnx` and says why (`SHARED_WEIGHTS=require` refuses instead).
+portable `model.onnx` and says why (`SHARED_WEIGHTS=require` refuses instead). The build writes them
+(pipeline/prepack.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,28 +31,6 @@ PREPACKED_FILES = (PREPACKED_MODEL, PREPACKED_DATA, PREPACKED_STAMP)
 def platform_stamp() -> dict[str, str]:
     """What a packed layout is valid for."""
     return {"onnxruntime": ort.__version__, "cpu_flags_sha256": cpu_flags_sha256()}
-
-
-def write_prepacked(model: Path, options: ort.SessionOptions) -> None:
-    """Write the three prepacked files beside the portable `model` (with `options`' graph optimizations),
-    each renamed into place; the stamp last, so a half-written set is never used."""
-    folder = model.parent
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".prepack-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / PREPACKED_MODEL)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", PREPACKED_DATA)
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-        ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-        (Path(tmp) / PREPACKED_STAMP).write_text(json.dumps(platform_stamp(), sort_keys=True))
-        (folder / PREPACKED_STAMP).unlink(missing_ok=True)
-        for name in PREPACKED_FILES:
-            os.replace(Path(tmp) / name, folder / name)
-
-
-def ensure_prepacked(model: Path, options: ort.SessionOptions) -> None:
-    """Write the prepacked files unless `model`'s folder holds a set valid for this runtime and CPU."""
-    if stale_reason(model.parent) is not None:
-        write_prepacked(model, options)
 
 
 def stale_reason(folder: Path) -> str | None:

@@ -12,15 +12,19 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+import pipeline.prepack
 import serve.prepacked
 from pipeline.memory.harness import GunicornService
+from pipeline.prepack import FOLIO, LAYOUT, arrange_by_use, references, write_prepacked
 from serve.artifacts import ArtifactError, drop_cached, load_approved, verify_files
-from serve.config import load_service_config
+from serve.config import SessionSettings, load_service_config
 from serve.loader import open_approved
 from serve.onnx_refs import check_external_data
 from serve.prepacked import PREPACKED_DATA, PREPACKED_FILES, PREPACKED_MODEL, platform_stamp
+from serve.runtime import ModelRuntime, session_options
 from tests.conftest import TinyRun
 from tests.helpers import memfit
 
@@ -31,7 +35,7 @@ def test_the_approval_ships_prepacked_weights_checksummed_for_this_platform(tiny
     for model in ("tiny-embed", "tiny-clf"):
         artifact = load_approved(tiny_run.artifacts / model)
         assert set(PREPACKED_FILES) <= set(artifact.manifest["files"])
-        assert artifact.manifest["prepacked"] == platform_stamp()
+        assert artifact.manifest["prepacked"] == {**platform_stamp(), "layout": LAYOUT}
         allowed = set(artifact.manifest["files"])
         assert check_external_data(artifact.folder / PREPACKED_MODEL, allowed=allowed) == [PREPACKED_DATA]
         assert not [p for p in artifact.folder.iterdir() if p.name.startswith(".prepack-")]
@@ -112,6 +116,43 @@ def test_a_loaded_model_leaves_only_the_pages_its_session_maps_in_the_page_cache
     assert not private.runtime.weights.shared
     assert cached_pages(folder / "model.onnx") == mapped_pages(folder / "model.onnx")
     assert cached_pages(folder / PREPACKED_DATA) == 0
+
+
+def test_what_a_session_maps_lies_apart_from_what_it_reads_once(
+    tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prepacked file holds the ranges a session maps, then, from the next folio boundary on, the
+    originals it reads once at load, so that dropping the file's cache after load leaves what is mapped.
+    The session maps no page of the second part, and answers bit for bit as with ONNX Runtime's own
+    layout, which arranged gives the shipped files byte for byte."""
+    config, _ = load_service_config(tiny_run.service)
+    artifact = load_approved(tiny_run.artifacts / "tiny-embed")
+    mapped, load_only = references(onnx.load(artifact.folder / PREPACKED_MODEL, load_external_data=False))
+    assert mapped and load_only, "the tiny model's MatMul weights are prepacked"
+    boundary = -(-max(r.offset + r.length for r in mapped) // FOLIO) * FOLIO
+    assert min(r.offset for r in load_only) == boundary
+    assert all(r.offset % mmap.PAGESIZE == 0 for r in mapped + load_only)
+
+    shared = open_approved(tiny_run.artifacts / "tiny-embed", config)
+    offsets: set[int] = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(artifact.folder / PREPACKED_DATA):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            offsets |= set(range(int(fields[2], 16), int(fields[2], 16) + end - start, mmap.PAGESIZE))
+    assert offsets and max(offsets) < boundary
+
+    ort_layout = tmp_path / "ort-layout"
+    shutil.copytree(artifact.folder, ort_layout)
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline.prepack, "arrange_by_use", lambda model, data: None)
+        write_prepacked(ort_layout / "model.onnx", session_options(SessionSettings()))
+    settings = shared.runtime.settings
+    as_written = ModelRuntime(ort_layout, settings, 64, 512, 8, shared_weights="require")
+    assert np.array_equal(shared.runtime.embed(TEXTS), as_written.embed(TEXTS))
+    arrange_by_use(ort_layout / PREPACKED_MODEL, ort_layout / PREPACKED_DATA)
+    for name in (PREPACKED_MODEL, PREPACKED_DATA):
+        assert (ort_layout / name).read_bytes() == (artifact.folder / name).read_bytes(), name
 
 
 def test_health_and_verify_say_which_weights_load(tiny_run: TinyRun) -> None:

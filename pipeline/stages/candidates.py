@@ -1,6 +1,6 @@
 """Build every configured candidate from the validated export; each folder is built once per source
 and settings (a calibrated search also keys on its calibration texts and targets), and carries its
-weights prepacked for this runtime and CPU (serve/prepacked.py), which is what is measured and shipped."""
+weights prepacked for this runtime and CPU (pipeline/prepack.py), which is what is measured and shipped."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pipeline.candidates import CANDIDATES, Calibration, CandidatePass, PassJob
 from pipeline.candidates.mixed_precision import SEARCH_FILE
 from pipeline.config import Gates
 from pipeline.data import Dataset
+from pipeline.prepack import ensure_prepacked
 from pipeline.progress import step
 from pipeline.state import BuildContext, BuildState, Candidate, ExportedModel, SourceModel
 from serve.artifacts import RUNTIME_FILE, read_json
 from serve.config import SessionSettings
 from serve.onnx_refs import check_external_data
-from serve.prepacked import ensure_prepacked
 from serve.runtime import MODEL_FILE, TOKENIZER_FILE, session_options
 
 SETTINGS_FILE = "settings.json"
