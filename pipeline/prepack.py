@@ -1,14 +1,14 @@
 """Prepacked weights, written at build time for the service to map (serve/prepacked.py loads them).
 
 ONNX Runtime writes them (`session.save_external_prepacked_constant_initializers`): a model whose
-initializers live in one data file, where a prepacked initializer keeps its original bytes and names
-its packed blob in the same file (`prepacked_<i>`: `<kernel>+<hash>|<offset>;<length>;<flag>`). A
-session reads every original once at load, to match it to its packed blob, then maps the blobs and the
-originals that have none, and unmaps the rest. ONNX Runtime interleaves the two kinds, and the kernel
-caches a file in folios of up to 2 MB that it keeps whole while any of their pages is mapped: after
-mpnet loaded, 200.4 MB of its 219.2 MB file stayed cached where the session mapped 139.1. So the file is
-rewritten with what a session maps first and what it only reads after the next 2 MB boundary: 138.5 MB
-stayed cached, the outputs bit for bit the same (benchmarks/results/page-cache-folios-2026-12-07.md).
+initializers live in one data file, where a prepacked initializer keeps its original bytes and names its
+packed buffers in the same file (`prepacked_<i>`: `<kernel>+<hash>|<offset>;<length>;<flag>|…`). A
+session reads every original once at load, to check its packed buffers against it, then maps the buffers
+and the originals that have none, and unmaps the rest. ONNX Runtime interleaves the two kinds, and the
+kernel caches a file in folios of up to 2 MB that it keeps whole while any of their pages is mapped:
+after mpnet loaded, 200.4 MB of its 219.2 MB file stayed cached where the session mapped 139.1. So the
+file is rewritten with what a session maps first and what it only reads from the next 2 MB boundary on:
+138.5 MB stayed cached, the outputs bit for bit the same (benchmarks/results/page-cache-folios-2026-12-07.md).
 """
 
 from __future__ import annotations
@@ -72,42 +72,48 @@ def stamp_layout(folder: Path) -> int | None:
 
 @dataclass
 class Reference:
-    """Where one initializer's bytes are named: its own `offset`, or a `prepacked_<i>` entry's blob."""
+    """One range of the data file: an initializer's own bytes (`buffer` None, its `offset` entry), or
+    buffer `buffer` of a `prepacked_<i>` entry, `<kernel>+<hash>|<offset>;<length>;<flag>|…` (one per
+    packed buffer: Attention packs three)."""
 
     entry: onnx.StringStringEntryProto
+    buffer: int | None
     offset: int
     length: int
 
-    @classmethod
-    def read(cls, entry: onnx.StringStringEntryProto, length: int | None = None) -> Reference:
-        if length is not None:  # the initializer's own offset entry
-            return cls(entry, int(entry.value), length)
-        kernel, separator, span = entry.value.rpartition("|")
-        fields = span.split(";")
-        if not separator or not kernel or len(fields) != 3 or not all(f.isdigit() for f in fields):
+    @staticmethod
+    def spans(entry: onnx.StringStringEntryProto) -> tuple[str, list[list[str]]]:
+        kernel, *buffers = entry.value.split("|")
+        spans = [buffer.split(";") for buffer in buffers]
+        if not kernel or not spans or any(len(f) != 3 or not all(x.isdigit() for x in f) for f in spans):
             raise ValueError(f"unexpected prepacked entry {entry.key}={entry.value!r}")
-        return cls(entry, int(fields[0]), int(fields[1]))
+        return kernel, spans
+
+    @classmethod
+    def packed(cls, entry: onnx.StringStringEntryProto) -> list[Reference]:
+        _, spans = cls.spans(entry)
+        return [cls(entry, index, int(offset), int(length)) for index, (offset, length, _) in enumerate(spans)]
 
     def move(self, offset: int) -> None:
-        if self.entry.key == "offset":
+        if self.buffer is None:
             self.entry.value = str(offset)
-        else:
-            kernel, _, span = self.entry.value.rpartition("|")
-            _, length, flag = span.split(";")
-            self.entry.value = f"{kernel}|{offset};{length};{flag}"
+            return
+        kernel, spans = self.spans(self.entry)
+        spans[self.buffer][0] = str(offset)
+        self.entry.value = "|".join([kernel, *(";".join(span) for span in spans)])
 
 
 def references(model: onnx.ModelProto) -> tuple[list[Reference], list[Reference]]:
-    """The ranges a loaded session maps (packed blobs, and originals without one), and those it only
-    reads at load (originals with a packed blob)."""
+    """The ranges a loaded session maps (packed buffers, and originals without any), and those it only
+    reads at load (originals with packed buffers)."""
     mapped: list[Reference] = []
     load_only: list[Reference] = []
     for tensor in model.graph.initializer:
         entries = {entry.key: entry for entry in tensor.external_data}
         if "offset" not in entries:
             continue
-        packed = [Reference.read(entry) for key, entry in entries.items() if key.startswith("prepacked_")]
-        original = Reference.read(entries["offset"], int(entries["length"].value))
+        packed = [r for key, entry in entries.items() if key.startswith("prepacked_") for r in Reference.packed(entry)]
+        original = Reference(entries["offset"], None, int(entries["offset"].value), int(entries["length"].value))
         (load_only if packed else mapped).append(original)
         mapped.extend(packed)
     return mapped, load_only
