@@ -82,8 +82,8 @@ def cached_pages(path: Path) -> int:
     return sum(byte & 1 for byte in vector)
 
 
-def mapped_pages(path: Path) -> int:
-    """How many distinct pages of `path` this process maps."""
+def mapped_page_numbers(path: Path) -> set[int]:
+    """The distinct pages of `path` (their numbers in the file) this process maps."""
     pages: set[int] = set()
     for line in Path("/proc/self/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
@@ -91,7 +91,11 @@ def mapped_pages(path: Path) -> int:
             start, end = (int(address, 16) // mmap.PAGESIZE for address in fields[0].split("-"))
             first = int(fields[2], 16) // mmap.PAGESIZE
             pages |= set(range(first, first + end - start))
-    return len({page for page in pages if page < -(-path.stat().st_size // mmap.PAGESIZE)})
+    return {page for page in pages if page < -(-path.stat().st_size // mmap.PAGESIZE)}
+
+
+def mapped_pages(path: Path) -> int:
+    return len(mapped_page_numbers(path))
 
 
 def test_a_loaded_model_leaves_only_the_pages_its_session_maps_in_the_page_cache(tiny_run: TinyRun) -> None:
@@ -134,13 +138,8 @@ def test_what_a_session_maps_lies_apart_from_what_it_reads_once(
     assert all(r.offset % mmap.PAGESIZE == 0 for r in mapped + load_only)
 
     shared = open_approved(tiny_run.artifacts / "tiny-embed", config)
-    offsets: set[int] = set()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == str(artifact.folder / PREPACKED_DATA):
-            start, end = (int(address, 16) for address in fields[0].split("-"))
-            offsets |= set(range(int(fields[2], 16), int(fields[2], 16) + end - start, mmap.PAGESIZE))
-    assert offsets and max(offsets) < boundary
+    pages = mapped_page_numbers(artifact.folder / PREPACKED_DATA)
+    assert pages and max(pages) * mmap.PAGESIZE < boundary
 
     ort_layout = tmp_path / "ort-layout"
     shutil.copytree(artifact.folder, ort_layout)
