@@ -5,14 +5,19 @@ Why this worker: the sync worker reads a request in its only thread with no time
 slow client stalls every other client for TIMEOUT and then gets the worker killed. An async worker
 would need an event-loop library and still block its loop during inference. gthread keeps one process
 and reads requests in threads; the service runs inference one request at a time under a lock, so
-activations never exceed what the build proves, while health checks and other reads go on. Three
-things are added to gunicorn's gthread here:
+activations never exceed what the build proves, while health checks and other reads go on. Added to
+gunicorn's gthread here:
 
 - a connection with no bytes waits in the poller, never in a thread (closed after KEEPALIVE seconds);
 - a request (headers and body) must arrive within READ_TIMEOUT seconds of its first byte;
 - each write of the response must complete within WRITE_TIMEOUT seconds (a client that never reads);
-- once a request is answered, reads take only what has already arrived: gunicorn drains a closing
-  connection on its main thread, so a client that neither sends nor closes would stall every other.
+- an answer given before the body was read (a refusal: 413, 401, 415, ...) reaches a client that sends
+  its whole body before reading, as most do: the rest of the body is read and thrown away, up to
+  MAX_DISCARD_BYTES and within the request's READ_TIMEOUT, and the connection is kept. Closed with
+  bytes unread, the connection is reset, and the reset loses the answer. A body declared longer is
+  answered with Connection: close and not read;
+- after that, reads take only what has already arrived: gunicorn drains a closing connection on its
+  main thread, so a client that neither sends nor closes would stall every other.
 
 A slow client therefore holds one thread for at most READ_TIMEOUT (or WRITE_TIMEOUT) seconds; more
 simultaneous slow clients than THREADS - 1 need a buffering proxy in front (see README).
@@ -34,12 +39,14 @@ import socket
 import time
 from typing import Any
 
-from gunicorn.http.errors import NoMoreData
+from gunicorn.http.errors import NoMoreData, ParseException
 from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 log = logging.getLogger("memfit.serve")
 READ_TIMEOUT_S = float(os.environ.get("READ_TIMEOUT", "10"))
 WRITE_TIMEOUT_S = float(os.environ.get("WRITE_TIMEOUT", "10"))
+MAX_DISCARD_BYTES = int(os.environ.get("MAX_DISCARD_BYTES", str(64 << 20)))
+DISCARD_STEP = 64 << 10
 
 
 class ClientTooSlow(NoMoreData, TimeoutError):
@@ -148,11 +155,40 @@ class BoundedThreadWorker(ThreadWorker):
 
     def handle_request(self, req: Any, conn: Any) -> bool:
         conn.sock.request = req
+        if getattr(req.body.reader, "length", 0) > MAX_DISCARD_BYTES:
+            req.must_close = True  # too long to throw away: the answer says the connection closes
         try:
             return bool(super().handle_request(req, conn))
         finally:
-            # Answered: what gunicorn reads next is a drain (before closing or keeping alive), which takes
-            # only what has arrived, or the next request, bounded again by `handle`. Left set, a request
-            # that waited for the inference lock past READ_TIMEOUT was logged as too slow on close.
             conn.sock.request = None
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        """Answered: the rest of the body is thrown away (see the module's docstring) while reads may still
+        wait for the request's READ_TIMEOUT; the connection is kept only if it ended."""
+        try:
+            ended = discard(conn.parser.mesg.body)
+        finally:
+            # What gunicorn reads next is a drain before closing, which takes only what has arrived, or
+            # the next request, bounded again by `handle`. Left set, a request that waited for the
+            # inference lock past READ_TIMEOUT was logged as too slow on close.
             conn.sock.read_deadline = math.inf
+        return bool(super()._keepalive_after(conn, keepalive and ended))
+
+
+def discard(body: Any) -> bool:
+    """Read what is left of a request body, keeping none of it; whether it ended within MAX_DISCARD_BYTES
+    and the request's READ_TIMEOUT. A body that says it is longer is not read at all."""
+    if getattr(body, "failed", False):  # reading it raised: where the next request starts is unknown
+        return False
+    if getattr(body.reader, "length", 0) > MAX_DISCARD_BYTES:
+        return False
+    discarded = 0
+    try:
+        while discarded <= MAX_DISCARD_BYTES:
+            step = body.read(DISCARD_STEP)
+            if not step:
+                return True
+            discarded += len(step)
+    except (OSError, ParseException):  # too slow (READ_TIMEOUT), gone, or a malformed chunk: closed
+        return False
+    return False

@@ -3,7 +3,7 @@ limits and errors, planner, API key, and that serve/ never imports the build sta
 
 from __future__ import annotations
 
-import contextlib
+import http.client
 import json
 import os
 import socket
@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.unreader import IterUnreader
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.memory.harness import GunicornService
+from serve import worker
 from serve.apis.native import NativeApi
 from serve.apis.openai import OpenAIApi
 from serve.apis.tei import TeiApi
@@ -28,6 +31,7 @@ from serve.config import SessionSettings
 from serve.loader import session_settings
 from serve.runtime import ModelRuntime
 from serve.watchdog import RUN_DIR_ENV, Watchdog
+from serve.worker import ClientTooSlow
 from tests.conftest import TinyRun
 from tests.helpers import REPO, memfit
 
@@ -119,12 +123,11 @@ def test_limits_are_named(service: GunicornService) -> None:
 
 
 def raw_status(port: int, head: bytes, chunks: list[bytes]) -> int:
-    """Send a request over a plain socket, tolerating the server closing early; return the status."""
+    """Send a whole request over a plain socket before reading, as most clients do; return the status."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            connection.sendall(head)
-            for chunk in chunks:
-                connection.sendall(chunk)
+        connection.sendall(head)
+        for chunk in chunks:
+            connection.sendall(chunk)
         answer = connection.recv(65536)
     return int(answer.split(b" ", 2)[1])
 
@@ -145,6 +148,79 @@ def test_oversized_body_is_413_with_and_without_content_length(service: Gunicorn
     worker_answers_ok(service, pid)
     after = service.request("GET", "/api/health").body["rss_mb"]
     assert after - before < 8, f"RSS grew from {before} to {after} MB after refused bodies"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "sizes", "status"),
+    [
+        ("/embed", "application/json", (1_048_577, 2 << 20, 8 << 20, 3_000_001), 413),  # over max_body_bytes
+        ("/api/embed", "text/plain", (900_000, 1 << 20), 415),  # refused before the body is read
+        ("/nope", "application/json", (1 << 20,), 404),
+    ],
+)
+def test_a_client_that_sends_before_reading_gets_its_refusal_and_keeps_its_connection(
+    service: GunicornService, path: str, content_type: str, sizes: tuple[int, ...], status: int
+) -> None:
+    """http.client sends the whole body before it reads: an answer given before the body was read must
+    still reach it, never a reset, and the connection serves the next request."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    try:
+        for size in sizes:
+            connection.request("POST", path, body=b"x" * size, headers={"Content-Type": content_type})
+            reply = connection.getresponse()
+            assert (reply.status, reply.getheader("Connection")) == (status, "keep-alive"), size
+            assert json.loads(reply.read())
+        connection.request("POST", "/embed", body=b'{"inputs": "fine"}', headers={"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
+def test_a_body_too_long_to_throw_away_is_answered_and_its_connection_closed(service: GunicornService) -> None:
+    length = worker.MAX_DISCARD_BYTES + 1
+    head = f"POST /api/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    answer = b""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as connection:
+        connection.sendall(head.encode() + b"x" * 1000)
+        while received := connection.recv(65536):  # to the end: the worker closes without waiting
+            answer += received
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"\r\nConnection: close\r\n" in answer
+
+
+def arriving(chunks: list[bytes], then_too_slow: bool, taken: list[bytes]) -> Iterator[bytes]:
+    """A client's body as the worker's socket yields it (into `taken` too), ending in READ_TIMEOUT if
+    `then_too_slow`."""
+    for chunk in chunks:
+        taken.append(chunk)
+        yield chunk
+    if then_too_slow:
+        raise ClientTooSlow()
+
+
+@pytest.mark.parametrize(
+    ("length", "sent", "too_slow", "ended", "read"),
+    [
+        (10_000, 10_000, False, True, 10_000),  # thrown away to its end: the connection can stay open
+        (10_000, 6000, True, False, 6000),  # not sent within READ_TIMEOUT: closed with what arrived
+        (12_001, 12_001, False, False, 0),  # declared over MAX_DISCARD_BYTES: closed unread
+    ],
+)
+def test_an_unread_body_is_discarded_only_within_its_bounds(
+    monkeypatch: pytest.MonkeyPatch, length: int, sent: int, too_slow: bool, ended: bool, read: int
+) -> None:
+    monkeypatch.setattr(worker, "MAX_DISCARD_BYTES", 12_000)
+    monkeypatch.setattr(worker, "DISCARD_STEP", 1000)
+    chunks = [b"x" * 500] * (sent // 500) + [b"x" * (sent % 500)]
+    taken: list[bytes] = []
+    body = Body(LengthReader(IterUnreader(arriving(chunks, too_slow, taken)), length))
+    assert worker.discard(body) is ended
+    assert sum(map(len, taken)) == read
+
+
+def test_a_body_that_failed_to_parse_is_not_read_again() -> None:
+    body = Body(LengthReader(IterUnreader([b"x" * 100]), 100))
+    body.failed = True
+    assert worker.discard(body) is False and body.reader.length == 100
 
 
 def test_unknown_route_and_method(service: GunicornService) -> None:
