@@ -3,7 +3,9 @@ it. For each W (default: every count the plan offers), the shipped service with 
 40 requests of 32 of the model's evaluation texts, then 400 requests of 1..max_batch texts, every 10th the
 worst case (max_batch × max_seq_len). Per W: the cgroup's peak, failcnt and OOM kills; what it held at the
 end (anonymous memory, page cache, the mapped and the inactive part of that cache); the own-pages, PSS and
-RSS sums' peaks (a separate sampler); requests/s; beside them what the plan predicts.
+RSS sums' peaks (a separate sampler); requests/s; beside them what the plan predicts. The cgroup's peak is
+also split at the moment every worker has loaded: the load's (which reads the weights' files through the
+page cache) and the serving's (which restarts from what the cgroup then holds).
 
 `--cold` first evicts from the page cache every file the service may read (the interpreter's library,
 the environment's packages, the repository, the artifacts), as in a container that has just started:
@@ -92,6 +94,7 @@ def run(config: ServiceConfig, path: Path, workers: int, mix: list[list[str]], c
         GunicornService(path, env={"WORKERS": str(workers)}, cgroup=cgroup, ready_timeout=300) as service,
     ):
         service.wait_for_workers(workers)
+        load_peak = cgroup.restart_peak()
         with SamplerProcess(service.master_pid) as sampler:
             started = time.perf_counter()
             with ThreadPoolExecutor(CLIENTS) as pool:
@@ -100,12 +103,14 @@ def run(config: ServiceConfig, path: Path, workers: int, mix: list[list[str]], c
                 )
             seconds = time.perf_counter() - started
         held = cgroup.held_mb()
-        measured = vars(cgroup.figures())
+        measured = cgroup.figures()
     peak = sampler.result["peak"]
     return {
         "workers": workers,
         "evicted_files": evicted,
-        "cgroup": measured,
+        "cgroup": vars(measured) | {"peak_mb": max(load_peak, measured.peak_mb)},
+        "cgroup_load_peak_mb": load_peak,
+        "cgroup_serving_peak_mb": measured.peak_mb,
         "cgroup_held_at_end_mb": held,
         "own_peak_mb": peak.get("total_own"),
         "pss_peak_mb": peak["total_pss"],

@@ -60,3 +60,23 @@ def test_what_the_cgroup_holds_splits_page_cache_from_anonymous_memory(tmp_path:
         pytest.skip(f"{tmp_path}: this filesystem's pages are not page cache the kernel can drop (tmpfs)")
     assert held["rss"] >= 40 and held["mapped_file"] < 24
     assert held["usage"] >= held["rss"] + held["cache"] - 1
+
+
+def test_the_peak_restarts_from_what_the_cgroup_holds() -> None:
+    script = f"{ALLOCATE}; print(flush=True); sys.stdin.readline(); del block; print(flush=True); sys.stdin.read()"
+    with MemoryCgroup(256) as group:
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, "64"], preexec_fn=group.join, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdout.readline()
+            child.stdin.write(b"freed\n")
+            child.stdin.flush()
+            child.stdout.readline()
+            before = group.restart_peak()
+            after = group.figures().peak_mb
+            held = group.held_mb()["usage"]
+        finally:
+            child.communicate(timeout=60)
+    assert before >= 64 and after < 64 <= before - after and abs(after - held) < 2

@@ -85,6 +85,13 @@ class MemoryCgroup:
             limit_mb=self.limit_mb,
         )
 
+    def restart_peak(self) -> float:
+        """The peak so far, MB; the peak then counts again from what the cgroup holds now (a service's load,
+        which reads its weights' files through the page cache, apart from its serving)."""
+        peak = self.figures().peak_mb
+        (self.path / "memory.max_usage_in_bytes").write_text("0")
+        return peak
+
     def held_mb(self) -> dict[str, float]:
         """What the cgroup holds now, MB: its usage, anonymous memory, page cache, and the part of that
         cache that is mapped and the part that is inactive (reclaim drops inactive file pages first)."""
