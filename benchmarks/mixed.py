@@ -31,11 +31,10 @@ from typing import Any
 from benchmarks.record import write_record
 from pipeline.config import ModelConfig, load_config
 from pipeline.data import load_dataset
-from pipeline.memory.cgroup import MemoryCgroup
+from pipeline.memory.cgroup import MemoryCgroup, evict
 from pipeline.memory.harness import GunicornService, request_mix
 from pipeline.memory.sampler import SamplerProcess
 from pipeline.sources import data_path
-from serve.artifacts import drop_cached
 from serve.config import ServiceConfig, load_service_config, model_names, resolve
 from serve.planner import worker_figures
 
@@ -74,21 +73,9 @@ def service_files(artifacts: Path) -> Iterator[Path]:
                     yield file
 
 
-def evict(artifacts: Path) -> int:
-    """Drop the service's files from the page cache (those no process maps); how many files."""
-    count = 0
-    for file in service_files(artifacts):
-        try:
-            drop_cached(file)
-        except OSError:
-            continue
-        count += 1
-    return count
-
-
 def run(config: ServiceConfig, path: Path, workers: int, mix: list[list[str]], cold: bool) -> dict[str, Any]:
     artifacts = resolve(path, config.artifacts_dir)
-    evicted = evict(artifacts) if cold else 0
+    evicted = evict(service_files(artifacts)) if cold else 0
     with (
         MemoryCgroup(config.budget_mb, "memfit-mixed") as cgroup,
         GunicornService(path, env={"WORKERS": str(workers)}, cgroup=cgroup, ready_timeout=300) as service,

@@ -132,6 +132,7 @@ def fit_measured_by(
     """measure_fit of the default service over one model with MiniLM's memory curve, proven at
     `proven_tokens` per run, whose gunicorn runs `measure_workers` stands in for."""
     monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
+    monkeypatch.setattr(service_fit, "evict", lambda files: 0)  # no files: no gunicorn reads them
     monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
     monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
     model = SimpleNamespace(

@@ -4,6 +4,10 @@ holding only the processes memfit starts, the way a container host enforces its 
 Its peak (`memory.max_usage_in_bytes`) counts every page once, shared or not, page cache included;
 `failcnt` counts the times the limit pressed the kernel to reclaim, and `oom_kill` the processes it
 killed. The child is always emptied (its processes moved back to the parent) and removed on exit.
+
+A file page is charged to the cgroup of the process that first brought it into the page cache, by reading
+or by writing it, and stays charged there while it is cached. A container that has just started reads
+every file itself; to count as it does, `evict` drops files from the cache first.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,22 @@ def unavailable_reason() -> str | None:
     if not os.access(parent, os.W_OK):
         return f"{parent} is not writable (run as root, or with the memory controller delegated)"
     return None
+
+
+def evict(files: Iterable[Path]) -> int:
+    """Write back and drop from the page cache each of `files` (but pages some process maps), so that the
+    next process to read one is charged for it; how many could be opened. Written back first: the kernel
+    does not drop a page that is still dirty, as a file the build has just written is."""
+    count = 0
+    for file in files:
+        try:
+            with file.open("rb") as handle:
+                os.fdatasync(handle.fileno())
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            continue
+        count += 1
+    return count
 
 
 @dataclass(frozen=True)

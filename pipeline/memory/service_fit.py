@@ -9,7 +9,11 @@ byte of the body, and releases them together. So each worker holds exactly two r
 while the other waits for the inference lock with its body read, and the peaks coincide, as they would
 when every worker of a loaded service meets its worst case at once. The bodies are each model's
 worst-case request, its largest requests of shorter inputs, and its hostile bodies (serve/probe.py), with
-TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). A worker can read THREADS requests
+TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). Before each run the approvals' files
+are evicted from the page cache, so that the cgroup is charged for reading them as a container that has
+just started is, at every count alike: otherwise the build that wrote them, or whichever run read them
+first, keeps the charge (mpnet: 112.1 MB at one worker, 293.9 MB at two, which read the prepacked file
+anew). The libraries stay cached: the build maps them itself. A worker can read THREADS requests
 at once; the others waiting hold at most their raw body each, so (THREADS - 2) × max_body_bytes per
 worker is added to the plan rather than measured.
 
@@ -45,7 +49,7 @@ import numpy as np
 from pipeline.atomic import json_bytes, write_bytes_atomic
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import LoadedConfigs
-from pipeline.memory.cgroup import MemoryCgroup, unavailable_reason
+from pipeline.memory.cgroup import MemoryCgroup, evict, unavailable_reason
 from pipeline.memory.harness import GunicornService
 from pipeline.memory.probe import run_probe
 from pipeline.memory.sampler import SamplerProcess
@@ -67,7 +71,7 @@ ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held con
 # while one runs (anonymous memory at 2 workers: 102.6 MB with one each, 105.3 under the load, 108.0 with
 # two each).
 HELD_PER_WORKER = 2
-FIT_VERSION = 7  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 8  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -388,6 +392,7 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
             tried.add(tokens)
             label = f"{workers} worker(s) at {tokens} tokens per run, {len(bodies)} bodies {held} at a time each"
             with step(f"service fit: {label}"):
+                evict(file for artifact in artifacts for file in artifact.folder.iterdir())
                 runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies, held))
             fitted = planned_fit(runs[-1], held_mb, budget)
         if not fitted:
