@@ -99,3 +99,15 @@ def test_a_file_just_written_is_charged_to_its_next_reader_once_evicted(tmp_path
         subprocess.run(reader, preexec_fn=group.join, timeout=60, check=True)
         held = group.held_mb()
     assert held["cache"] >= 24
+
+
+def test_checking_a_file_leaves_none_of_it_charged(tmp_path: Path) -> None:
+    """sha256_file(drop_behind=True) in a fresh cgroup: the peak stays below the file's size."""
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(48 << 20))
+    evict([data])
+    check = f"from serve.artifacts import sha256_file; sha256_file(__import__('pathlib').Path({str(data)!r}), True)"
+    with MemoryCgroup(256) as group:
+        subprocess.run([sys.executable, "-c", check], preexec_fn=group.join, timeout=60, check=True)
+        figures, held = group.figures(), group.held_mb()
+    assert held["cache"] < 4 and figures.peak_mb < 48
