@@ -155,8 +155,8 @@ class BoundedThreadWorker(ThreadWorker):
 
     def handle_request(self, req: Any, conn: Any) -> bool:
         conn.sock.request = req
-        if getattr(req.body.reader, "length", 0) > MAX_DISCARD_BYTES:
-            req.must_close = True  # too long to throw away: the answer says the connection closes
+        if too_long_to_discard(req.body):
+            req.must_close = True  # the answer says the connection closes
         try:
             return bool(super().handle_request(req, conn))
         finally:
@@ -180,7 +180,7 @@ def discard(body: Any) -> bool:
     and the request's READ_TIMEOUT. A body that says it is longer is not read at all."""
     if getattr(body, "failed", False):  # reading it raised: where the next request starts is unknown
         return False
-    if getattr(body.reader, "length", 0) > MAX_DISCARD_BYTES:
+    if too_long_to_discard(body):
         return False
     discarded = 0
     try:
@@ -192,3 +192,8 @@ def discard(body: Any) -> bool:
     except (OSError, ParseException):  # too slow (READ_TIMEOUT), gone, or a malformed chunk: closed
         return False
     return False
+
+
+def too_long_to_discard(body: Any) -> bool:
+    """A body whose Content-Length is over MAX_DISCARD_BYTES: answered, then closed unread."""
+    return bool(getattr(body.reader, "length", 0) > MAX_DISCARD_BYTES)
