@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.memory.service_fit import Activations, Savings, cgroup_peak, line, on_line
-from serve.planner import counted_peak
+from pipeline.memory.service_fit import Activations, Savings, line, on_line
+from serve.planner import container_peak, counted_peak
 
 
 def undisturbed_runs(path: Path) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
             continue
         recorded, refitted = [r["line_error"] for r in runs], refit(runs)
         grouped = [r for r in runs if r["cgroup"]]
-        cgroup = refit(grouped, cgroup_peak) if len(grouped) > 1 else []
+        cgroup = refit(grouped, container_peak) if len(grouped) > 1 else []
         worst_recorded = max(worst_recorded, *map(abs, recorded))
         worst_refitted = max(worst_refitted, *map(abs, refitted))
         worst_cgroup = max(worst_cgroup, *map(abs, cgroup or [0.0]))

@@ -9,8 +9,9 @@ page cache) and the serving's (which restarts from what the cgroup then holds).
 
 `--cold` first evicts from the page cache every file the service may read (the interpreter's library,
 the environment's packages, the repository, the artifacts), as in a container that has just started:
-the cgroup is then charged for every file page the service reads. Without it, a page another process
-read earlier stays charged where it was first read.
+the cgroup is then charged for every file page the service reads, but for pages another process maps
+(which cannot be dropped): what stays cached of the files the service maps is recorded as `uncharged_mb`.
+Without it, a page another process read earlier stays charged where it was first read.
 
 Usage: python -m benchmarks.mixed [--service configs/service.yaml] [--workers 1 2] [--cold] [--out FILE.json]
 """
@@ -19,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import sysconfig
+import multiprocessing
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks.record import write_record
 from pipeline.config import ModelConfig, load_config
 from pipeline.data import load_dataset
-from pipeline.memory.cgroup import MemoryCgroup, evict
-from pipeline.memory.harness import GunicornService, request_mix
+from pipeline.memory.cgroup import Eviction, MemoryCgroup, evict, service_files
+from pipeline.memory.harness import GunicornService, mapped_pages, request_mix
 from pipeline.memory.sampler import SamplerProcess
 from pipeline.sources import data_path
 from serve.config import ServiceConfig, load_service_config, model_names, resolve
@@ -59,23 +57,17 @@ def requests(config: ServiceConfig, path: Path) -> list[list[str]]:
     return reviews + request_mix(MIXED_REQUESTS, limits.max_batch, limits.max_seq_len, worst_every=10)
 
 
-def service_files(artifacts: Path) -> Iterator[Path]:
-    """Every file a service process may read: the interpreter's library, the environment's packages, the
-    repository and the artifacts."""
-    paths = sysconfig.get_paths()
-    roots = {Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib")} | {REPO, artifacts}
-    roots |= {Path(sys.executable).resolve().parent.parent / "lib"}  # libpython, where it is shared
-    for root in roots:
-        for folder, _, names in os.walk(root):
-            for name in names:
-                file = Path(folder) / name
-                if file.is_file() and not file.is_symlink():
-                    yield file
+def requests_apart(config: ServiceConfig, path: Path) -> list[list[str]]:
+    """`requests`, made in a child process: reading a model config imports the build's libraries
+    (onnxruntime among them), and a page this process maps can neither be evicted nor charged to the
+    container."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(requests, config, path).result()
 
 
 def run(config: ServiceConfig, path: Path, workers: int, mix: list[list[str]], cold: bool) -> dict[str, Any]:
     artifacts = resolve(path, config.artifacts_dir)
-    evicted = evict(service_files(artifacts)) if cold else 0
+    eviction = evict(service_files(REPO, artifacts)) if cold else Eviction()
     with (
         MemoryCgroup(config.budget_mb, "memfit-mixed") as cgroup,
         GunicornService(path, env={"WORKERS": str(workers)}, cgroup=cgroup, ready_timeout=300) as service,
@@ -89,12 +81,15 @@ def run(config: ServiceConfig, path: Path, workers: int, mix: list[list[str]], c
                     pool.map(lambda texts: service.request("POST", "/api/embed", {"inputs": texts}).status, mix)
                 )
             seconds = time.perf_counter() - started
+        pids = [service.master_pid, *service.worker_pids()]
+        uncharged = eviction.uncharged_mb(mapped_pages(pids, eviction.still_cached))
         held = cgroup.held_mb()
         measured = cgroup.figures()
     peak = sampler.result["peak"]
     return {
         "workers": workers,
-        "evicted_files": evicted,
+        "evicted_files": eviction.files,
+        "uncharged_mb": uncharged if cold else None,
         "cgroup": vars(measured) | {"peak_mb": max(load_peak, measured.peak_mb)},
         "cgroup_load_peak_mb": load_peak,
         "cgroup_serving_peak_mb": measured.peak_mb,
@@ -118,14 +113,15 @@ def main() -> None:
     config, path = load_service_config(args.service)
     figures, approvals = worker_figures(config, path)
     counts = args.workers or range(1, figures.most_workers(config.budget_mb, 0.0) + 1)
-    mix = requests(config, path)
+    mix = requests_apart(config, path)
     rows = []
     for workers in counts:
-        predicted, predicted_cgroup = figures.predicted_mb(workers)
+        predicted, predicted_cgroup, predicted_own = figures.predicted_mb(workers)
         row = {
             **run(config, path, workers, mix, args.cold),
             "predicted_mb": predicted,
             "predicted_cgroup_mb": predicted_cgroup,
+            "predicted_own_mb": predicted_own,
             "planned_mb": round(figures.needed_mb(workers, 0.0)[0], 1),
         }
         rows.append(row)

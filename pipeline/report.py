@@ -284,21 +284,27 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
         + (" by an earlier run of the same approved files and settings, reused." if fit.get("reused") else "."),
         "",
         "Own pages: every page master and workers map, counted once (a PSS sum gives away the share of pages "
-        "that processes outside the service map too). Line: the counted peak the line through the runs "
-        "predicts for that run, and its error; cgroup line: the same through the cgroup peaks alone.",
+        "that processes outside the service map too). Before each count every file the service may read was "
+        "dropped from the page cache; uncharged: the pages the service mapped that stayed cached because "
+        "another process maps them (charged to it; a fresh container pays them), added to the cgroup peak. "
+        "Line: the counted peak the line through the runs predicts for that run, and its error; cgroup line: "
+        "the same through the cgroup peaks (plus uncharged) alone; own line: through the own pages alone.",
         "",
-        "| workers | tokens/run | cgroup peak MB | failcnt | OOM kills | PSS sum MB | own pages MB | RSS sum MB "
-        "| line MB (error) | cgroup line MB (error) | planned MB | worker VmHWM MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers | tokens/run | cgroup peak MB | uncharged MB | failcnt | OOM kills | PSS sum MB | own pages MB "
+        "| RSS sum MB | line MB (error) | cgroup line MB (error) | own line MB (error) | planned MB "
+        "| worker VmHWM MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in fit["runs"]:
         group = run["cgroup"] or {}
         cgroup_line = f"{run['cgroup_line_mb']:.1f} ({run['cgroup_line_error']:+.1%})" if group else "-"
+        own_line = f"{run['own_line_mb']:.1f} ({run['own_line_error']:+.1%})" if "own_line_mb" in run else "-"
         lines.append(
             f"| {run['workers']} | {run['tokens_per_run']} | {_fmt(group.get('peak_mb'), 1)} | "
-            f"{group.get('failcnt', '-')} | {group.get('oom_kills', '-')} | {run['pss_peak_mb']:.1f} | "
+            f"{_fmt(run.get('uncharged_mb'), 1)} | {group.get('failcnt', '-')} | {group.get('oom_kills', '-')} | "
+            f"{run['pss_peak_mb']:.1f} | "
             f"{_fmt(run.get('own_peak_mb'), 1)} | {run['rss_sum_peak_mb']:.1f} | "
-            f"{run['line_mb']:.1f} ({run['line_error']:+.1%}) | {cgroup_line} | "
+            f"{run['line_mb']:.1f} ({run['line_error']:+.1%}) | {cgroup_line} | {own_line} | "
             f"{run['planned_mb']:.1f}{'' if run['fits'] else ' (over)'} | "
             f"{', '.join(map(str, run['worker_vmhwm_mb']))} |"
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.artifacts import ArtifactError, drop_cached, load_approved
+from serve.artifacts import ArtifactError, dropped_meanwhile, load_approved
 from serve.config import ServiceConfig, SessionSettings
 from serve.cpu import check_int8_kernels
 from serve.onnx_refs import check_external_data
@@ -51,24 +51,23 @@ def open_approved(model_dir: Path, service: ServiceConfig) -> ServedModel:
             check_external_data(artifact.folder / model_file, allowed=set(artifact.manifest["files"]))
     proven = artifact.manifest["limits"]
     limits = service.limits
-    runtime = ModelRuntime(
-        artifact.folder,
-        session_settings(artifact.manifest["session_options"], service.intra_op_threads),
-        max_seq_len=limits.max_seq_len,
-        max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
-        max_batch=int(proven["max_batch"]),
-        max_input_chars=limits.max_input_chars,
-        max_request_chars=limits.max_request_chars,
-        shared_weights=service.shared_weights,
-    )
+    # A container is charged for the file pages its processes read, mapped or not. Loading reads more than
+    # the session keeps mapped (ONNX Runtime reads all 219 MB of mpnet's prepacked file and maps 139; the
+    # checks read the portable model), so the rest is dropped, while the session loads and after. The
+    # kernel keeps a large folio whole while any of its pages is mapped, which is why the build lays that
+    # file out by use (pipeline/prepack.py): then 138.5 MB stay, where ONNX Runtime's own layout kept 200.4.
+    with dropped_meanwhile([artifact.folder / name for name in artifact.manifest["files"]]):
+        runtime = ModelRuntime(
+            artifact.folder,
+            session_settings(artifact.manifest["session_options"], service.intra_op_threads),
+            max_seq_len=limits.max_seq_len,
+            max_tokens_per_run=min(int(proven["max_tokens_per_run"]), limits.max_tokens_per_run or 1 << 62),
+            max_batch=int(proven["max_batch"]),
+            max_input_chars=limits.max_input_chars,
+            max_request_chars=limits.max_request_chars,
+            shared_weights=service.shared_weights,
+        )
     log.info("model %s: %s (%s)", model_dir.name, runtime.weights.path.name, runtime.weights.reason)
-    # A container is charged for the file pages its processes read, mapped or not. Loading read more than
-    # the session keeps mapped (ONNX Runtime read all 219 MB of mpnet's prepacked file and maps 139; the
-    # checks read the portable model), so the rest is dropped. The kernel keeps a large folio whole while
-    # any of its pages is mapped, which is why the build lays that file out by use (pipeline/prepack.py):
-    # then 138.5 MB stay, where ONNX Runtime's own layout kept 200.4.
-    for name in artifact.manifest["files"]:
-        drop_cached(artifact.folder / name)
     accepted = {
         "max_batch": limits.max_batch,
         "max_seq_len": limits.max_seq_len,

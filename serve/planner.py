@@ -32,14 +32,23 @@ MASTER_IMPORTS = f"import gunicorn.app.wsgiapp, gunicorn.arbiter, serve.planner,
 SERVICE_FIT_FILE = "service-fit.json"
 
 
+def container_peak(run: dict[str, Any]) -> float:
+    """The cgroup's peak of a service-fit run plus what stayed cached, charged elsewhere, of the files its
+    service maps (the libraries some other process maps: `uncharged_mb`): what the cgroup of a container
+    that had just started would have peaked at."""
+    return float(run["cgroup"]["peak_mb"]) + float(run.get("uncharged_mb", 0.0))
+
+
+def own_peak(run: dict[str, Any]) -> float:
+    """The service's own resident pages at a service-fit run's peak, each counted once (the PSS sum where
+    frame numbers were hidden): the PSS sum of a container that holds only the service."""
+    return float(run.get("own_peak_mb") or run["pss_peak_mb"])
+
+
 def counted_peak(run: dict[str, Any]) -> float:
-    """What a service-fit run counts: the larger of the cgroup's peak and the service's own resident
-    pages (the PSS sum where frame numbers were hidden). Each misses something a container counts: the
-    cgroup is not charged for file pages another cgroup read first (here: the libraries the build itself
-    loaded), and a PSS sum gives away the share of pages processes outside the service map too, and
-    leaves out page cache that no process maps."""
-    own = run.get("own_peak_mb") or run["pss_peak_mb"]
-    return max(float(run["cgroup"]["peak_mb"]) if run["cgroup"] else 0.0, float(own))
+    """What a service-fit run counts: the larger of the container's peak and the service's own pages. The
+    first counts page cache no process maps, the second is all there is where no cgroup could be made."""
+    return max(container_peak(run) if run["cgroup"] else 0.0, own_peak(run))
 
 
 def worker_peak_mb(peaks: list[tuple[float, float]]) -> float:
@@ -73,18 +82,20 @@ class WorkerFigures:
         run = self.measured_run(workers)
         return int(run["tokens_per_run"]) if run and workers > 1 else None
 
-    def predicted_mb(self, workers: int) -> tuple[float | None, float | None]:
-        """The fit's lines at `workers` workers: (counted peak, cgroup peak); at the measured run's tokens
-        per run, full tokens beyond the runs. None where no fit (or no cgroup line) was measured."""
+    def predicted_mb(self, workers: int) -> tuple[float | None, float | None, float | None]:
+        """The fit's lines at `workers` workers: (counted peak, container's cgroup peak, own pages); at the
+        measured run's tokens per run, full tokens beyond the runs. None where no fit (or no such line)
+        was measured."""
         if self.fit is None:
-            return None, None
+            return None, None, None
         run = self.measured_run(workers)
         if run is not None:
-            return float(run["line_mb"]), run.get("cgroup_line_mb")
-        cgroup = self.fit.get("cgroup_line_mb")
+            return float(run["line_mb"]), run.get("cgroup_line_mb"), run.get("own_line_mb")
+        cgroup, own = self.fit.get("cgroup_line_mb"), self.fit.get("own_line_mb")
         return (
             self.fit["base_mb"] + workers * self.fit["per_worker_mb"],
             None if cgroup is None else cgroup[0] + workers * cgroup[1],
+            None if own is None else own[0] + workers * own[1],
         )
 
     def needed_mb(self, workers: int, master_mb: float) -> tuple[float, str]:
@@ -169,8 +180,8 @@ def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
     figures, _ = worker_figures(config, path)
     measured = {run["workers"]: run for run in (figures.fit or {}).get("runs", [])}
     lines = [
-        "workers | tokens/run | predicted MB | predicted cgroup MB | measured cgroup peak MB | measured PSS sum MB "
-        "| measured own pages MB | planned MB | fits"
+        "workers | tokens/run | predicted MB | predicted cgroup MB | predicted own pages MB | measured cgroup peak MB "
+        "| measured PSS sum MB | measured own pages MB | planned MB | fits"
     ]
     for workers in range(1, up_to + 1):
         needed, _ = figures.needed_mb(workers, master_mb)

@@ -3,6 +3,7 @@ and OOM kills, and is always removed. Skipped (with the reason) where no cgroup 
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.memory.cgroup import MemoryCgroup, evict, unavailable_reason
+from pipeline.memory.cgroup import MemoryCgroup, evict, service_files, unavailable_reason
+from pipeline.memory.harness import mapped_pages
 from serve.artifacts import drop_cached
 
 REASON = unavailable_reason()
@@ -93,7 +95,8 @@ def test_a_file_just_written_is_charged_to_its_next_reader_once_evicted(tmp_path
         pytest.skip(f"{tmp_path} is on {filesystem(tmp_path)}: its pages are memory, never evicted")
     data = tmp_path / "written.bin"
     data.write_bytes(os.urandom(24 << 20))  # in the page cache, dirty, charged to this process's cgroup
-    assert evict([data, tmp_path / "missing.bin"]) == 1
+    eviction = evict([data, tmp_path / "missing.bin"])
+    assert eviction.files == 1 and eviction.still_cached == {}
     with MemoryCgroup(256) as group:
         reader = [sys.executable, "-c", f"open({str(data)!r}, 'rb').read()"]
         subprocess.run(reader, preexec_fn=group.join, timeout=60, check=True)
@@ -111,3 +114,84 @@ def test_checking_a_file_leaves_none_of_it_charged(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", check], preexec_fn=group.join, timeout=60, check=True)
         figures, held = group.figures(), group.held_mb()
     assert held["cache"] < 4 and figures.peak_mb < 48
+
+
+def test_what_a_process_maps_stays_cached_and_counts_where_the_service_maps_it(tmp_path: Path) -> None:
+    """A page some process maps cannot be dropped: the eviction reports it, and counts it as uncharged
+    for the processes that map it too, page by page (here: this process maps the first 8 MB of a 16 MB
+    file; a sleeping child maps none of it)."""
+    if filesystem(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {filesystem(tmp_path)}: its pages are memory, never evicted")
+    mapped, unmapped = tmp_path / "mapped.bin", tmp_path / "unmapped.bin"
+    for file in (mapped, unmapped):
+        file.write_bytes(os.urandom(16 << 20))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with mapped.open("rb") as handle, mmap.mmap(handle.fileno(), 8 << 20, prot=mmap.PROT_READ) as view:
+            assert len({view[offset] for offset in range(0, len(view), mmap.PAGESIZE)}) > 0  # every page read
+            eviction = evict([mapped, unmapped])
+            assert eviction.uncharged_mb(mapped_pages([os.getpid()], eviction.still_cached)) == 8.0
+            assert eviction.uncharged_mb(mapped_pages([child.pid, 999_999_999], eviction.still_cached)) == 0.0
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert eviction.files == 2 and list(eviction.still_cached) == [str(mapped.resolve())]
+    assert eviction.still_cached_mb() >= 8.0
+
+
+def test_the_service_files_are_the_import_path_the_project_the_artifacts_and_what_this_process_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each once: a root inside another (the venv inside the project) is not walked twice, and a
+    site-packages folder off the import path (the interpreter's own, beside a venv) is left out."""
+    stdlib, project = tmp_path / "lib", tmp_path / "project"
+    venv, artifacts = project / ".venv" / "site-packages", project / "artifacts"
+    for file in (
+        stdlib / "os.py",
+        stdlib / "site-packages" / "stray" / "off_path.py",
+        project / "serve" / "app.py",
+        venv / "pkg" / "module.py",
+        artifacts / "model.onnx",
+    ):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"x")
+    monkeypatch.setattr(sys, "path", ["", str(stdlib), str(venv)])
+    files = list(service_files(project, artifacts))
+    assert len(files) == len(set(files))
+    assert {"os.py", "app.py", "module.py", "model.onnx"} <= {file.name for file in files}
+    assert "off_path.py" not in {file.name for file in files}
+    assert Path(os.path.realpath(sys.executable)) in files  # mapped by this process, outside every root
+
+
+READ_SLOWLY = """
+import sys, time
+from pathlib import Path
+from serve.artifacts import dropped_meanwhile
+data = Path(sys.argv[1])
+def read() -> None:
+    with data.open("rb") as handle:
+        while handle.read(1 << 20):
+            time.sleep(0.005)
+if sys.argv[2] == "dropped":
+    with dropped_meanwhile([data]):
+        read()
+else:
+    read()
+"""
+
+
+def test_a_file_read_while_dropped_meanwhile_is_never_charged_whole(tmp_path: Path) -> None:
+    """What a session's load reads and does not map is dropped while it loads: a 48 MB file read 1 MB at a
+    time peaks far below its size in a fresh cgroup, where read alone it is charged in full."""
+    if filesystem(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {filesystem(tmp_path)}: its pages are memory, never evicted")
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(48 << 20))
+    peaks = {}
+    for mode in ("read", "dropped"):
+        evict([data])
+        with MemoryCgroup(256) as group:
+            reader = [sys.executable, "-c", READ_SLOWLY, str(data), mode]
+            subprocess.run(reader, preexec_fn=group.join, timeout=120, check=True)
+            peaks[mode] = group.figures().peak_mb
+    assert peaks["read"] > 48 and peaks["dropped"] < 24, peaks

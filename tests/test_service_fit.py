@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import LoadedConfigs
 from pipeline.memory import service_fit
+from pipeline.memory.cgroup import Eviction
 from pipeline.memory.service_fit import (
     OVERSHOOT_FACTOR,
     Activations,
@@ -23,7 +24,7 @@ from pipeline.memory.service_fit import (
     measure_fit,
     tokens_for,
 )
-from serve.planner import counted_peak
+from serve.planner import container_peak, counted_peak
 from tests.helpers import REPO
 
 # One model proven at 32 × 128 tokens per run, 27.8 MB per 1,000 tokens (MiniLM's measured curve).
@@ -43,6 +44,14 @@ def test_the_counted_peak_is_the_larger_of_cgroup_and_own_pages() -> None:
     assert counted_peak({**run(1, 4096), "cgroup": {"peak_mb": 230.0}}) == 230.0
     assert counted_peak({**run(1, 4096), "own_peak_mb": 226.0}) == 226.0
     assert counted_peak({**run(1, 4096), "own_peak_mb": 226.0, "cgroup": {"peak_mb": 230.0}}) == 230.0
+
+
+def test_what_stayed_cached_of_the_services_files_is_added_to_the_cgroups_peak() -> None:
+    """Pages another process maps were never charged to the fit's cgroup; a fresh container pays them."""
+    uncharged = {**run(1, 4096), "cgroup": {"peak_mb": 200.0}, "uncharged_mb": 30.0}
+    assert container_peak(uncharged) == 230.0 and counted_peak(uncharged) == 230.0
+    assert container_peak({**uncharged, "uncharged_mb": 0.0}) == 200.0
+    assert counted_peak({**uncharged, "uncharged_mb": 0.0}) == 217.0  # own pages, now the larger
 
 
 def test_the_line_recovers_base_and_per_worker_from_runs_at_fewer_tokens() -> None:
@@ -132,7 +141,8 @@ def fit_measured_by(
     """measure_fit of the default service over one model with MiniLM's memory curve, proven at
     `proven_tokens` per run, whose gunicorn runs `measure_workers` stands in for."""
     monkeypatch.setattr(service_fit, "measure_workers", measure_workers)
-    monkeypatch.setattr(service_fit, "evict", lambda files: 0)  # no files: no gunicorn reads them
+    monkeypatch.setattr(service_fit, "service_files", lambda *roots: iter(()))  # no gunicorn reads them
+    monkeypatch.setattr(service_fit, "evict", lambda files: Eviction())
     monkeypatch.setattr(service_fit, "measure_one_process", lambda *_: {"worker_peak_mb": 150.0, "models": []})
     monkeypatch.setattr(service_fit, "load_bodies", lambda *_: [])
     model = SimpleNamespace(
@@ -154,7 +164,7 @@ def test_the_fit_measures_up_to_the_services_worker_count(
     measured: list[int] = []
 
     def measure_workers(
-        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int, eviction: Eviction
     ) -> dict[str, Any]:
         measured.append(workers)
         measured_run = run(workers, tokens, per_worker=90.0)
@@ -175,7 +185,7 @@ def test_two_workers_are_measured_even_when_one_run_cannot_tell_shared_pages_fro
     measured: list[tuple[int, int]] = []
 
     def measure_workers(
-        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int, eviction: Eviction
     ) -> dict[str, Any]:
         measured.append((workers, tokens))
         peak = 200.0 + 100.0 * workers
@@ -199,7 +209,7 @@ def fit_with(monkeypatch: pytest.MonkeyPatch, cgroup: bool) -> dict[str, Any]:
     less per worker (pages another cgroup read first are not charged to the service's); or no cgroup."""
 
     def measure_workers(
-        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int
+        path: Path, workers: int, tokens: int, budget: float, bodies: list[Any], held: int, eviction: Eviction
     ) -> dict[str, Any]:
         measured = run(workers, tokens, per_worker=90.0)
         pss = measured["pss_peak_mb"]

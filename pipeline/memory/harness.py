@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,20 +54,40 @@ FRAME = np.uint64((1 << 55) - 1)
 USER_SPACE_END = 1 << 47  # above it only [vsyscall], which pagemap does not describe
 
 
+def mapped_ranges(pid: int, files: Container[str] | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Each user-space mapping of `pid` (only those of `files`, real paths, where given): its file ("" for
+    anonymous memory), the page of the file it starts at, and its page-table entries (/proc/PID/pagemap)."""
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            path = fields[5] if len(fields) == 6 else ""
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if start >= USER_SPACE_END or (files is not None and path not in files):
+                continue
+            pagemap.seek(start // mmap.PAGESIZE * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // mmap.PAGESIZE * 8), dtype=np.uint64)
+            yield path, int(fields[2], 16) // mmap.PAGESIZE, entries
+
+
 def resident_frames(pid: int, file_only: bool = False) -> np.ndarray:
     """Physical frame numbers of the resident pages `pid` maps (`file_only`: of its file and shared
     anonymous pages). The kernel shows them to CAP_SYS_ADMIN only; to anyone else they read as zero."""
     wanted = PRESENT | (FILE_OR_SHARED if file_only else np.uint64(0))
     frames = [np.empty(0, np.uint64)]
-    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            start, end = (int(address, 16) for address in line.split(maxsplit=1)[0].split("-"))
-            if start >= USER_SPACE_END:
-                continue
-            pagemap.seek(start // mmap.PAGESIZE * 8)
-            entries = np.frombuffer(pagemap.read((end - start) // mmap.PAGESIZE * 8), dtype=np.uint64)
-            frames.append(entries[(entries & wanted) == wanted] & FRAME)
+    for _, _, entries in mapped_ranges(pid):
+        frames.append(entries[(entries & wanted) == wanted] & FRAME)
     return np.concatenate(frames)
+
+
+def mapped_pages(pids: Iterable[int], files: Container[str]) -> dict[str, set[int]]:
+    """Of `files` (real paths), the pages (by index in the file) that the processes `pids` have mapped now.
+    A process that has exited meanwhile is left out."""
+    pages: dict[str, set[int]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for path, first, entries in mapped_ranges(pid, files):
+                pages.setdefault(path, set()).update((first + np.flatnonzero(entries & PRESENT)).tolist())
+    return pages
 
 
 def own_pages_mb(pids: list[int], file_only: bool = False) -> float | None:

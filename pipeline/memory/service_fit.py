@@ -9,13 +9,15 @@ byte of the body, and releases them together. So each worker holds exactly two r
 while the other waits for the inference lock with its body read, and the peaks coincide, as they would
 when every worker of a loaded service meets its worst case at once. The bodies are each model's
 worst-case request, its largest requests of shorter inputs, and its hostile bodies (serve/probe.py), with
-TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). Before each run the approvals' files
-are evicted from the page cache, so that the cgroup is charged for reading them as a container that has
-just started is, at every count alike: otherwise the build that wrote them, or whichever run read them
-first, keeps the charge (mpnet: 112.1 MB at one worker, 293.9 MB at two, which read the prepacked file
-anew). The libraries stay cached: the build maps them itself. A worker can read THREADS requests
-at once; the others waiting hold at most their raw body each, so (THREADS - 2) × max_body_bytes per
-worker is added to the plan rather than measured.
+TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). Before each run every file the
+service may read is evicted from the page cache, so that the cgroup is charged for reading it as a
+container that has just started is, at every count alike: otherwise the build that wrote the model, or
+whichever run read it first, keeps the charge (mpnet: 112.1 MB at one worker, 293.9 MB at two, which read
+the prepacked file anew), and the libraries stay charged to the build (MiniLM: 136.9 MB counted where a
+fresh container peaked at 201.3). What stays cached because another process maps it (the build's own
+libraries) is added to the cgroup's peak where the service maps it too (`uncharged_mb`). A worker can
+read THREADS requests at once; the others waiting hold at most their raw body each, so (THREADS - 2) ×
+max_body_bytes per worker is added to the plan rather than measured.
 
 A least-squares line through the measured peaks (of the runs where no worker was killed), each raised by
 what its workers' VmHWM shows their smaller micro-batch saved, gives the planner its figures: W workers
@@ -49,15 +51,15 @@ import numpy as np
 from pipeline.atomic import json_bytes, write_bytes_atomic
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import LoadedConfigs
-from pipeline.memory.cgroup import MemoryCgroup, evict, unavailable_reason
-from pipeline.memory.harness import GunicornService
-from pipeline.memory.probe import run_probe
+from pipeline.memory.cgroup import Eviction, MemoryCgroup, evict, service_files, unavailable_reason
+from pipeline.memory.harness import GunicornService, mapped_pages
+from pipeline.memory.probe import PROJECT_ROOT, run_probe
 from pipeline.memory.sampler import SamplerProcess
 from pipeline.progress import step
 from serve.apis.native import INFERENCE_PATHS
 from serve.artifacts import ApprovedArtifact, approval_pointer, load_approved, read_json
 from serve.memory import status_mb
-from serve.planner import SERVICE_FIT_FILE, counted_peak, idle_master_mb
+from serve.planner import SERVICE_FIT_FILE, container_peak, counted_peak, idle_master_mb, own_peak
 from serve.probe import hostile_bodies, shape_history, sweep_requests, worst_case_texts
 
 FIT_TRIES = 4  # runs per worker count: the first at the line's prediction, then fewer tokens while over
@@ -71,7 +73,7 @@ ACCEPT_WAIT_S = 2.0  # at most this long for every worker to accept its held con
 # while one runs (anonymous memory at 2 workers: 102.6 MB with one each, 105.3 under the load, 108.0 with
 # two each).
 HELD_PER_WORKER = 2
-FIT_VERSION = 8  # bump when the fit's measurement changes: cached fits keyed on it are then redone
+FIT_VERSION = 10  # bump when the fit's measurement changes: cached fits keyed on it are then redone
 MB = 1024 * 1024
 
 
@@ -165,11 +167,18 @@ def run_lockstep(service: GunicornService, connections: int, bodies: list[tuple[
 
 
 def measure_workers(
-    service_path: Path, workers: int, tokens: int, budget_mb: float, bodies: list[tuple[str, bytes]], held: int
+    service_path: Path,
+    workers: int,
+    tokens: int,
+    budget_mb: float,
+    bodies: list[tuple[str, bytes]],
+    held: int,
+    eviction: Eviction,
 ) -> dict[str, Any]:
     """The service with `workers` workers, each running at most `tokens` per session run and holding
-    `held` requests of each lockstep round: cgroup peak (where one can be made), PSS and RSS sums, own
-    pages, each worker's VmHWM, and whether a worker was killed or replaced."""
+    `held` requests of each lockstep round, started after `eviction`: cgroup peak (where one can be made)
+    and what stayed cached of the files it maps, PSS and RSS sums, own pages, each worker's VmHWM, and
+    whether a worker was killed or replaced."""
     reason = unavailable_reason()
     group: AbstractContextManager[Any] = MemoryCgroup(budget_mb, "memfit-fit") if reason is None else nullcontext()
     env = {
@@ -187,6 +196,7 @@ def measure_workers(
         with SamplerProcess(service.master_pid) as sampler:
             statuses = run_lockstep(service, workers * held, bodies)
         alive = sorted(service.worker_pids())
+        uncharged = eviction.uncharged_mb(mapped_pages([service.master_pid, *alive], eviction.still_cached))
         worker_hwm = [round(status_mb("VmHWM", pid), 1) for pid in alive]
         figures = cgroup.figures() if cgroup is not None else None
     peak = sampler.result["peak"]
@@ -195,6 +205,7 @@ def measure_workers(
         "tokens_per_run": tokens,
         "cgroup": None if figures is None else vars(figures),
         "cgroup_unavailable": reason,
+        "uncharged_mb": uncharged,
         "pss_peak_mb": peak["total_pss"],
         "own_peak_mb": peak.get("total_own"),
         "rss_sum_peak_mb": peak["total_rss"],
@@ -206,11 +217,6 @@ def measure_workers(
         "max_sample_gap_ms": sampler.result["max_gap_ms"],
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def cgroup_peak(run: dict[str, Any]) -> float:
-    """The cgroup's own peak (a run measured in a cgroup)."""
-    return float(run["cgroup"]["peak_mb"])
 
 
 def planned_fit(run: dict[str, Any], held_mb: float, budget_mb: float) -> bool:
@@ -370,6 +376,7 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     held = min(HELD_PER_WORKER, service.threads)  # THREADS=1 reads one request at a time
     held_mb = (service.threads - held) * service.limits.max_body_bytes / MB
     runs: list[dict[str, Any]] = []
+    files = list(service_files(PROJECT_ROOT, configs.artifacts_dir))
     for workers in range(1, service.fit_max_workers + 1):
         # One worker runs at full tokens; more, at the most tokens the runs so far predict to fit. A run
         # over the budget joins the line, and the count is measured again at fewer tokens (at most
@@ -392,8 +399,8 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
             tried.add(tokens)
             label = f"{workers} worker(s) at {tokens} tokens per run, {len(bodies)} bodies {held} at a time each"
             with step(f"service fit: {label}"):
-                evict(file for artifact in artifacts for file in artifact.folder.iterdir())
-                runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies, held))
+                eviction = evict(files)
+                runs.append(measure_workers(configs.service_path, workers, tokens, budget, bodies, held, eviction))
             fitted = planned_fit(runs[-1], held_mb, budget)
         if not fitted:
             break
@@ -405,7 +412,8 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
     cgroup_line = None
     if grouped:
         through = [r for r in undisturbed if r["cgroup"]] or grouped[:1]
-        cgroup_line = [round(mb, 1) for mb in predict(grouped, through, savings, cgroup_peak, "cgroup_")]
+        cgroup_line = [round(mb, 1) for mb in predict(grouped, through, savings, container_peak, "cgroup_")]
+    own_line = [round(mb, 1) for mb in predict(runs, undisturbed or runs[:1], savings, own_peak, "own_")]
     for run in runs:
         run["planned_mb"] = round(counted_peak(run) + run["workers"] * held_mb, 1)
         run["fits"] = run in fitting
@@ -418,7 +426,8 @@ def measure_fit(artifacts: list[ApprovedArtifact], configs: LoadedConfigs, repea
         "counted_by": f"max(cgroup, {own})" if first["cgroup"] else own,
         "base_mb": round(base, 1),
         "per_worker_mb": round(per_worker, 1),
-        "cgroup_line_mb": cgroup_line,  # [base, per worker] through the cgroup peaks; None without a cgroup
+        "cgroup_line_mb": cgroup_line,  # [base, per worker] through the container's peaks; None without a cgroup
+        "own_line_mb": own_line,  # [base, per worker] through the own pages (a container's PSS sum)
         "held_requests": held,  # per worker, in every run
         "held_bodies_mb": round(held_mb, 1),
         "max_workers_measured": max((r["workers"] for r in fitting), default=0),
