@@ -266,8 +266,8 @@ def service_fit_lines(fit: dict[str, Any]) -> list[str]:
     counted = {
         "pss": "PSS sum of master and workers",
         "own pages": "own pages of master and workers",
-        "max(cgroup, pss)": "larger of cgroup peak and PSS sum",
-    }.get(fit["counted_by"], "larger of cgroup peak and own pages")
+        "max(cgroup, pss)": "larger of the container's peak (cgroup peak plus uncharged) and PSS sum",
+    }.get(fit["counted_by"], "larger of the container's peak (cgroup peak plus uncharged) and own pages")
     one = fit["one_process"]
     lines = [
         "## Whole service (the real gunicorn service, every worker at every model's worst case at once)",

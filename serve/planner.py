@@ -173,24 +173,24 @@ def plan(service_path: Path, workers: int, master_mb: float) -> tuple[bool, str]
 
 
 def table(service_path: Path, master_mb: float, up_to: int = 8) -> list[str]:
-    """`memfit plan`'s table per worker count: the peak the fit's lines predict (the counted peak, and the
-    cgroup's own), the measured figures beside them, and what the budget check plans (the measured peak,
-    or the prediction, plus the bodies waiting for the inference lock)."""
+    """`memfit plan`'s table per worker count: the peak the fit's lines predict (the counted peak, the
+    container's and the own pages), the measured figures beside them, and what the budget check plans (the
+    measured peak, or the prediction, plus the bodies waiting for the inference lock)."""
     config, path = load_service_config(service_path)
     figures, _ = worker_figures(config, path)
     measured = {run["workers"]: run for run in (figures.fit or {}).get("runs", [])}
     lines = [
-        "workers | tokens/run | predicted MB | predicted cgroup MB | predicted own pages MB | measured cgroup peak MB "
+        "workers | tokens/run | predicted MB | predicted container MB | predicted own pages MB | measured container MB "
         "| measured PSS sum MB | measured own pages MB | planned MB | fits"
     ]
     for workers in range(1, up_to + 1):
         needed, _ = figures.needed_mb(workers, master_mb)
         predicted = " | ".join("-" if mb is None else f"{mb:,.0f}" for mb in figures.predicted_mb(workers))
         run = measured.get(workers, {})
-        cgroup = run.get("cgroup") or {}
+        container = f"{container_peak(run):.1f}" if run.get("cgroup") else "-"
         fits = needed <= config.budget_mb and workers <= figures.most_workers(config.budget_mb, master_mb)
         lines.append(
-            f"{workers} | {run.get('tokens_per_run', 'full')} | {predicted} | {cgroup.get('peak_mb', '-')} | "
+            f"{workers} | {run.get('tokens_per_run', 'full')} | {predicted} | {container} | "
             f"{run.get('pss_peak_mb', '-')} | {run.get('own_peak_mb') or '-'} | {needed:,.0f} | "
             f"{'yes' if fits else 'no'}"
         )

@@ -13,9 +13,9 @@ TRUNCATE on (the heavier mode: cut inputs are embedded, not refused). Before eac
 service may read is evicted from the page cache, so that the cgroup is charged for reading it as a
 container that has just started is, at every count alike: otherwise the build that wrote the model, or
 whichever run read it first, keeps the charge (mpnet: 112.1 MB at one worker, 293.9 MB at two, which read
-the prepacked file anew), and the libraries stay charged to the build (MiniLM: 136.9 MB counted where a
-fresh container peaked at 201.3). What stays cached because another process maps it (the build's own
-libraries) is added to the cgroup's peak where the service maps it too (`uncharged_mb`). A worker can
+the prepacked file anew), and the libraries stay charged to the build (MiniLM, one worker: a cgroup peak
+of 136.9 MB, where a fresh container's is above 220). What stays cached because another process maps it
+(the build's own libraries) is added to the cgroup's peak where the service maps it too (`uncharged_mb`). A worker can
 read THREADS requests at once; the others waiting hold at most their raw body each, so (THREADS - 2) ×
 max_body_bytes per worker is added to the plan rather than measured.
 
