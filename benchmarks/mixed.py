@@ -7,8 +7,9 @@ RSS sums' peaks (a separate sampler); requests/s; beside them what the plan pred
 also split at the moment every worker has loaded: the load's (which reads the weights' files through the
 page cache) and the serving's (which restarts from what the cgroup then holds).
 
-`--cold` first evicts from the page cache every file the service may read (the interpreter's library,
-the environment's packages, the repository, the artifacts), as in a container that has just started:
+`--cold` first evicts from the page cache every file the service may read (what is on the import path,
+the repository, the artifacts, the files this process maps: `service_files`), as in a container that has
+just started:
 the cgroup is then charged for every file page the service reads, but for pages another process maps
 (which cannot be dropped): what stays cached of the files the service maps is recorded as `uncharged_mb`.
 Without it, a page another process read earlier stays charged where it was first read.
